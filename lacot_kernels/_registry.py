@@ -1,0 +1,114 @@
+"""The one place where every `torch.ops.lacot.*` schema is defined, and where backends are chosen.
+
+Schemas live here, in Python (the torchao pattern), so every op exists whether or not the compiled
+extension `lacot_kernels._C` was built. The extension only *implements* the `*_native` kernel ops through
+`TORCH_LIBRARY_IMPL(lacot, CPU|CUDA, m)`; the public ops are implemented in `lacot_kernels/ops/*.py`, which
+also register their fake (meta) kernels and autograd formulas.
+
+Backends (per call `backend=...`, else the `LACOT_BACKEND` environment variable, else `auto`):
+  * ``cuda``   - the compiled extension: the CUDA kernel for CUDA tensors, its CPU twin (same math, OpenMP)
+                 for CPU tensors;
+  * ``triton`` - the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+  * ``torch``  - pure torch (chunked where it matters), the last resort;
+  * ``auto``   - CUDA tensors: ``cuda`` if the extension has CUDA kernels, else ``triton``, else ``torch``;
+                 CPU tensors: ``cuda`` (the CPU twin) if the extension is built, else ``torch``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+lib = torch.library.Library("lacot", "FRAGMENT")
+
+# name -> schema. Public ops take the backend name as a string argument: under torch.compile it is a
+# constant, and the choice is made inside the (opaque) op at run time, so tracing never sees a branch.
+SCHEMAS: dict[str, str] = {
+    # ---- per-token log-probs of chosen tokens, from logits ---------------------------------------------
+    # stats (N, 2) fp32 = [row max of the raw logits, log sum_v exp((x_v - max) / T)]: the softmax normalizer
+    # kept in two parts so that differences of huge logits are formed before the 1/T scaling (exact).
+    "token_logprobs": "token_logprobs(Tensor logits, Tensor targets, float temperature, int ignore_index, "
+    "bool compute_entropy, str backend) -> (Tensor logp, Tensor entropy, Tensor stats)",
+    "token_logprobs_backward": "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
+    "Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index, str backend) -> Tensor",
+    # ---- the same, fused with the LM head (hidden @ weight.T + bias), never holding N x V logits ------------
+    "fused_linear_token_logprobs": "fused_linear_token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, "
+    "Tensor targets, float temperature, int ignore_index, bool compute_entropy, str backend) "
+    "-> (Tensor logp, Tensor entropy, Tensor stats)",
+    "fused_linear_token_logprobs_backward": "fused_linear_token_logprobs_backward(Tensor grad_logp, "
+    "Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor stats, "
+    "Tensor entropy, float temperature, int ignore_index, bool[3] needs_grad, str backend) "
+    "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    # ---- kernels implemented in csrc/ (CPU twin + CUDA) -------------------------------------------------------
+    # logits (N, V) with unit stride along V, targets (N,) int64. Ignored rows: logp = entropy = 0, stats = 0,
+    # the row is not read. Targets outside [0, V) (other than ignore_index): logp = entropy = NaN.
+    "token_logprobs_fwd_native": "token_logprobs_fwd_native(Tensor logits, Tensor targets, float temperature, "
+    "int ignore_index, bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)",
+    # grad_logits (N, V), contiguous, logits dtype:
+    #   (g_logp * (1[v == y] - p_v) - g_ent * p_v * (log p_v + H)) / T, exactly 0 on ignored rows.
+    "token_logprobs_bwd_native": "token_logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, "
+    "Tensor logits, Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index) -> Tensor",
+}
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)
+
+
+def native_available(device_type: str) -> bool:
+    """True when the compiled extension has a kernel for this device type ("cpu" or "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lacot::token_logprobs_fwd_native", key)
+
+
+def triton_available(device_type: str) -> bool:
+    """True when the Triton kernels can run on tensors of this device type."""
+    from .ops import _triton_utils
+
+    if not _triton_utils.HAS_TRITON:
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and _triton_utils.INTERPRET
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a requested backend into the one that runs: ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Raises ValueError for an unknown name, RuntimeError when an explicitly requested backend cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("LACOT_BACKEND", "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"LACOT_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    dev = device.type
+    if backend == "auto":
+        if native_available(dev):
+            return "cuda"
+        if dev == "cuda" and triton_available(dev):
+            return "triton"
+        return "torch"
+    if backend == "cuda" and not native_available(dev):
+        raise RuntimeError(
+            f"backend='cuda' was requested for {dev} tensors, but lacot_kernels._C has no {dev} kernels "
+            "(the extension was not built, or built without CUDA). Reinstall with "
+            "`pip install --no-build-isolation .` on a machine with nvcc, or use backend='triton'/'torch'."
+        )
+    if backend == "triton" and not triton_available(dev):
+        raise RuntimeError(
+            f"backend='triton' was requested for {dev} tensors, but Triton cannot run them here "
+            "(Triton missing, or CPU tensors without TRITON_INTERPRET=1 set before importing lacot_kernels)."
+        )
+    return backend
+
+
+def check_bounds_enabled() -> bool:
+    """Host-side target range checks on CUDA tensors (they synchronize, so they are opt-in there)."""
+    return os.environ.get("LACOT_CHECK_BOUNDS", "0").strip().lower() in ("1", "true", "yes", "on")
