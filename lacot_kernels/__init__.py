@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import _registry  # defines every torch.ops.lacot schema first
+from . import _registry  # noqa: F401  (defines every torch.ops.lacot schema first)
 
 _log = logging.getLogger(__name__)
 

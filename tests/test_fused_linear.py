@@ -16,8 +16,9 @@ def _run(h, w, b, y, *, device, backend, temperature=1.0):
     hh, ww = h.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
     bb = b.to(device).requires_grad_(True) if b is not None else None
     y = y.to(device)
-    lp, ent = lk.fused_linear_token_logprobs(hh, ww, y, bias=bb, temperature=temperature, return_entropy=True,
-                                             backend=backend)
+    lp, ent = lk.fused_linear_token_logprobs(
+        hh, ww, y, bias=bb, temperature=temperature, return_entropy=True, backend=backend
+    )
     g_lp = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
     g_ent = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device)
     inputs = [t for t in (hh, ww, bb) if t is not None]
@@ -48,7 +49,7 @@ def test_matches_fp64_reference(device, backend, dtype, temperature, with_bias):
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     torch.testing.assert_close(lp.double(), rlp, atol=tol, rtol=0)
     torch.testing.assert_close(ent.double(), rent, atol=tol, rtol=0)
-    for name, gx, gr in zip(("hidden", "weight", "bias"), grads, rgrads):
+    for name, gx, gr in zip(("hidden", "weight", "bias"), grads, rgrads, strict=False):
         assert gx.dtype == dtype, name
         # fp32: accumulation over ~100 rows / 300 vocab entries; 16-bit: the stored gradient's rounding.
         atol = 2e-5 * max(1.0, float(gr.abs().max())) if dtype == torch.float32 else bf16_grad_atol(gr, dtype)

@@ -17,8 +17,9 @@ def _check(logits, targets, *, device, backend, temperature=1.0, ignore_index=-1
     """Forward + backward of logp and entropy vs the fp64 reference on the same (rounded) input values."""
     x = logits.to(device).detach().requires_grad_(True)
     y = targets.to(device)
-    lp, ent = lk.token_logprobs(x, y, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-                                backend=backend)
+    lp, ent = lk.token_logprobs(
+        x, y, temperature=temperature, ignore_index=ignore_index, return_entropy=True, backend=backend
+    )
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
     assert lp.shape == y.shape and ent.shape == y.shape
     g_lp = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -105,8 +106,9 @@ def test_all_rows_ignored_and_empty_batch(device, backend):
     lp.sum().backward()
     assert (x.grad == 0).all()
     e = torch.randn(0, 10, device=device, requires_grad=True)
-    lp, ent = lk.token_logprobs(e, torch.zeros(0, dtype=torch.long, device=device), return_entropy=True,
-                                backend=backend)
+    lp, ent = lk.token_logprobs(
+        e, torch.zeros(0, dtype=torch.long, device=device), return_entropy=True, backend=backend
+    )
     assert lp.shape == (0,) and ent.shape == (0,)
     lp.sum().backward()
     assert e.grad.shape == (0, 10)
@@ -123,8 +125,9 @@ def test_non_contiguous_inputs(device, backend):
     # A strided vocabulary dimension is copied, not misread.
     x2 = torch.randn(300, 4, device=device).t()
     y2 = torch.randint(0, 300, (4,), device=device)
-    torch.testing.assert_close(lk.token_logprobs(x2, y2, backend=backend).double(),
-                               reference.token_logprobs(x2, y2)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        lk.token_logprobs(x2, y2, backend=backend).double(), reference.token_logprobs(x2, y2)[0], atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)

@@ -89,8 +89,12 @@ def _fused_linear_fwd_kernel(
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             kmask = kk < D
-            x = tl.load(hidden_ptr + rows[:, None] * stride_h + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(weight_ptr + cols[:, None] * stride_w + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(
+                hidden_ptr + rows[:, None] * stride_h + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
+            w = tl.load(
+                weight_ptr + cols[:, None] * stride_w + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+            )
             if DOT_FP32:
                 # fp32 inputs stay IEEE fp32 (no TF32); under the interpreter bf16 dots are wrong, so upcast.
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -163,11 +167,31 @@ def _fused_fwd_triton(hidden, weight, bias, targets, temperature, ignore_index, 
     splits = triton.cdiv(V, v_per_split)
     part = torch.empty(4, splits, N, device=dev, dtype=torch.float32)
     _fused_linear_fwd_kernel[(triton.cdiv(N, bm), splits)](
-        hidden, hidden.stride(0), perm, n_valid, weight, weight.stride(0),
-        bias if bias is not None else hidden, targets, part[0], part[1], part[2], part[3],
-        N, V, D, v_per_split, inv_t,
-        HAS_BIAS=bias is not None, COMPUTE_ENTROPY=compute_entropy, DOT_FP32=dot_in_fp32(hidden.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        hidden,
+        hidden.stride(0),
+        perm,
+        n_valid,
+        weight,
+        weight.stride(0),
+        bias if bias is not None else hidden,
+        targets,
+        part[0],
+        part[1],
+        part[2],
+        part[3],
+        N,
+        V,
+        D,
+        v_per_split,
+        inv_t,
+        HAS_BIAS=bias is not None,
+        COMPUTE_ENTROPY=compute_entropy,
+        DOT_FP32=dot_in_fp32(hidden.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
     m, logs, logp, ent = _merge_splits(part[0], part[1], part[2], part[3], inv_t, compute_entropy)
     stats = torch.stack([m, logs], -1)
@@ -234,8 +258,9 @@ def _fused_fwd_tiled(hidden, weight, bias, targets, temperature, ignore_index, c
     return logp, ent, stats
 
 
-def _fused_bwd_vocab_blocked(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy,
-                             temperature, ignore_index, needs, backend):
+def _fused_bwd_vocab_blocked(
+    grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index, needs, backend
+):
     """Vocabulary blocks x row chunks of the valid rows; dW finished one block at a time (fp32 accumulation)."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -260,9 +285,19 @@ def _fused_bwd_vocab_blocked(grad_logp, grad_entropy, hidden, weight, bias, targ
         for r0 in range(0, n, r_step):
             sl = slice(r0, r0 + r_step)
             logits = _logits_tile(h[sl], w_blk, b_blk)
-            g = bwd(g_logp[sl], g_ent[sl] if g_ent is not None else None, logits, y[sl], st[sl],
-                    ent[sl] if ent is not None else None, temperature, ignore_index,
-                    col_offset=v0, vocab=V, out_dtype=hidden.dtype)
+            g = bwd(
+                g_logp[sl],
+                g_ent[sl] if g_ent is not None else None,
+                logits,
+                y[sl],
+                st[sl],
+                ent[sl] if ent is not None else None,
+                temperature,
+                ignore_index,
+                col_offset=v0,
+                vocab=V,
+                out_dtype=hidden.dtype,
+            )
             if needs[0]:
                 grad_h[sl] += _mm_f32(g, w_blk)
             if needs[1]:
@@ -274,8 +309,9 @@ def _fused_bwd_vocab_blocked(grad_logp, grad_entropy, hidden, weight, bias, targ
     return _pack_grads(grad_h, grad_w, grad_b, rows, hidden, bias)
 
 
-def _fused_bwd_row_chunked(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy,
-                           temperature, ignore_index, needs, backend):
+def _fused_bwd_row_chunked(
+    grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index, needs, backend
+):
     """Row chunks x the whole vocabulary, for per-row kernels (the compiled CPU twin / CUDA kernel)."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -290,8 +326,16 @@ def _fused_bwd_row_chunked(grad_logp, grad_entropy, hidden, weight, bias, target
         rows = rows_all[r0 : r0 + step]
         h = hidden[rows]
         logits = _logits_tile(h, weight, bias)
-        g = bwd(grad_logp[rows], grad_entropy[rows] if grad_entropy is not None else None, logits, targets[rows],
-                stats[rows], entropy[rows] if grad_entropy is not None else None, temperature, ignore_index)
+        g = bwd(
+            grad_logp[rows],
+            grad_entropy[rows] if grad_entropy is not None else None,
+            logits,
+            targets[rows],
+            stats[rows],
+            entropy[rows] if grad_entropy is not None else None,
+            temperature,
+            ignore_index,
+        )
         g = g.to(hidden.dtype)
         if needs[0]:
             grad_h[r0 : r0 + step] = _mm_f32(g, weight)
@@ -345,21 +389,61 @@ def _fused_impl(hidden, weight, bias, targets, temperature, ignore_index, comput
 def _fused_fake(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend):
     N = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    return hidden.new_empty(N, **f32), hidden.new_empty(N if compute_entropy else 0, **f32), hidden.new_empty(N, 2, **f32)
+    return (
+        hidden.new_empty(N, **f32),
+        hidden.new_empty(N if compute_entropy else 0, **f32),
+        hidden.new_empty(N, 2, **f32),
+    )
 
 
 @torch.library.register_kernel("lacot::fused_linear_token_logprobs_backward", ("cpu", "cuda"))
-def _fused_backward_impl(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature,
-                         ignore_index, needs_grad, backend):
+def _fused_backward_impl(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    needs_grad,
+    backend,
+):
     name = _resolve(backend, hidden.device)
     fn = _fused_bwd_row_chunked if name == "cuda" else _fused_bwd_vocab_blocked
-    return fn(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
-              list(needs_grad), name)
+    return fn(
+        grad_logp,
+        grad_entropy,
+        hidden,
+        weight,
+        bias,
+        targets,
+        stats,
+        entropy,
+        temperature,
+        ignore_index,
+        list(needs_grad),
+        name,
+    )
 
 
 @torch.library.register_fake("lacot::fused_linear_token_logprobs_backward")
-def _fused_backward_fake(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature,
-                         ignore_index, needs_grad, backend):
+def _fused_backward_fake(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    needs_grad,
+    backend,
+):
     empty = hidden.new_empty(0)
     return (
         torch.empty_like(hidden) if needs_grad[0] else empty,
@@ -384,10 +468,18 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     gh, gw, gb = torch.ops.lacot.fused_linear_token_logprobs_backward(
         grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if compute_entropy else None,
-        hidden, weight, bias, targets, stats, entropy, temperature, ignore_index, needs, backend,
+        hidden,
+        weight,
+        bias,
+        targets,
+        stats,
+        entropy,
+        temperature,
+        ignore_index,
+        needs,
+        backend,
     )
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-            None, None, None, None, None)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None, None, None, None, None)
 
 
 torch.library.register_autograd("lacot::fused_linear_token_logprobs", _backward, setup_context=_setup_context)

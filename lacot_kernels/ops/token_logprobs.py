@@ -148,14 +148,35 @@ def _token_logprobs_fwd_triton(logits, targets, temperature, ignore_index, compu
     if N > 0:
         block, warps = _fwd_block(V)
         _token_logprobs_fwd_kernel[(N,)](
-            logits, logits.stride(0), targets, logp, entropy, stats, V, inv_t, ignore_index,
-            COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block, num_warps=warps,
+            logits,
+            logits.stride(0),
+            targets,
+            logp,
+            entropy,
+            stats,
+            V,
+            inv_t,
+            ignore_index,
+            COMPUTE_ENTROPY=compute_entropy,
+            BLOCK_V=block,
+            num_warps=warps,
         )
     return logp, entropy, stats
 
 
-def _token_logprobs_bwd_triton(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index,
-                               col_offset=0, vocab=None, out_dtype=None):
+def _token_logprobs_bwd_triton(
+    grad_logp,
+    grad_entropy,
+    logits,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    col_offset=0,
+    vocab=None,
+    out_dtype=None,
+):
     N, n_cols = logits.shape
     inv_t = 1.0 / temperature
     out = torch.empty(N, n_cols, device=logits.device, dtype=out_dtype or logits.dtype)
@@ -163,10 +184,23 @@ def _token_logprobs_bwd_triton(grad_logp, grad_entropy, logits, targets, stats, 
         block = min(next_pow2(n_cols), 1 << 15 if INTERPRET else 2048)
         has_ge = grad_entropy is not None
         _token_logprobs_bwd_kernel[(N, triton.cdiv(n_cols, block))](
-            grad_logp, grad_entropy if has_ge else grad_logp, logits, logits.stride(0), targets, stats,
-            entropy if has_ge else grad_logp, out, out.stride(0), n_cols, col_offset,
-            n_cols if vocab is None else vocab, inv_t, ignore_index,
-            HAS_GRAD_ENTROPY=has_ge, BLOCK_V=block, num_warps=1 if INTERPRET else 8,
+            grad_logp,
+            grad_entropy if has_ge else grad_logp,
+            logits,
+            logits.stride(0),
+            targets,
+            stats,
+            entropy if has_ge else grad_logp,
+            out,
+            out.stride(0),
+            n_cols,
+            col_offset,
+            n_cols if vocab is None else vocab,
+            inv_t,
+            ignore_index,
+            HAS_GRAD_ENTROPY=has_ge,
+            BLOCK_V=block,
+            num_warps=1 if INTERPRET else 8,
         )
     return out
 
@@ -202,8 +236,19 @@ def _token_logprobs_fwd_torch(logits, targets, temperature, ignore_index, comput
     return logp, entropy, stats
 
 
-def _token_logprobs_bwd_torch(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index,
-                              col_offset=0, vocab=None, out_dtype=None):
+def _token_logprobs_bwd_torch(
+    grad_logp,
+    grad_entropy,
+    logits,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    col_offset=0,
+    vocab=None,
+    out_dtype=None,
+):
     N, n_cols = logits.shape
     inv_t = 1.0 / temperature
     V = n_cols if vocab is None else vocab
@@ -234,8 +279,16 @@ def _token_logprobs_bwd_torch(grad_logp, grad_entropy, logits, targets, stats, e
 # ----------------------------------------------------------------------------------------------------------------
 # Backend tables (also used by the fused op on its logits tiles)
 # ----------------------------------------------------------------------------------------------------------------
-FWD = {"cuda": torch.ops.lacot.token_logprobs_fwd_native, "triton": _token_logprobs_fwd_triton, "torch": _token_logprobs_fwd_torch}
-BWD = {"cuda": torch.ops.lacot.token_logprobs_bwd_native, "triton": _token_logprobs_bwd_triton, "torch": _token_logprobs_bwd_torch}
+FWD = {
+    "cuda": torch.ops.lacot.token_logprobs_fwd_native,
+    "triton": _token_logprobs_fwd_triton,
+    "torch": _token_logprobs_fwd_torch,
+}
+BWD = {
+    "cuda": torch.ops.lacot.token_logprobs_bwd_native,
+    "triton": _token_logprobs_bwd_triton,
+    "torch": _token_logprobs_bwd_torch,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,19 +305,25 @@ def _token_logprobs_impl(logits, targets, temperature, ignore_index, compute_ent
 def _token_logprobs_fake(logits, targets, temperature, ignore_index, compute_entropy, backend):
     N = logits.shape[0]
     f32 = dict(device=logits.device, dtype=torch.float32)
-    return logits.new_empty(N, **f32), logits.new_empty(N if compute_entropy else 0, **f32), logits.new_empty(N, 2, **f32)
+    return (
+        logits.new_empty(N, **f32),
+        logits.new_empty(N if compute_entropy else 0, **f32),
+        logits.new_empty(N, 2, **f32),
+    )
 
 
 @torch.library.register_kernel("lacot::token_logprobs_backward", ("cpu", "cuda"))
-def _token_logprobs_backward_impl(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature,
-                                  ignore_index, backend):
+def _token_logprobs_backward_impl(
+    grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend
+):
     name = _registry.resolve_backend(backend, logits.device)
     return BWD[name](grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index)
 
 
 @torch.library.register_fake("lacot::token_logprobs_backward")
-def _token_logprobs_backward_fake(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature,
-                                  ignore_index, backend):
+def _token_logprobs_backward_fake(
+    grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, backend
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -283,7 +342,13 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
         grad_logits = torch.ops.lacot.token_logprobs_backward(
             grad_logp.float().contiguous(),
             grad_entropy.float().contiguous() if compute_entropy else None,
-            logits, targets, stats, entropy, temperature, ignore_index, backend,
+            logits,
+            targets,
+            stats,
+            entropy,
+            temperature,
+            ignore_index,
+            backend,
         )
     return grad_logits, None, None, None, None, None
 
