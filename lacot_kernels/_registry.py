@@ -57,12 +57,12 @@ for _schema in SCHEMAS.values():
     lib.define(_schema)
 
 
-def native_available(device_type: str) -> bool:
-    """True when the compiled extension has a kernel for this device type ("cpu" or "cuda")."""
+def native_available(device_type: str, op: str = "token_logprobs_fwd_native") -> bool:
+    """True when the compiled extension has a kernel of `lacot::<op>` for this device type ("cpu" or "cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lacot::token_logprobs_fwd_native", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lacot::{op}", key)
 
 
 def triton_available(device_type: str) -> bool:
@@ -76,10 +76,20 @@ def triton_available(device_type: str) -> bool:
     return device_type == "cpu" and _triton_utils.INTERPRET
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    *,
+    native_op: str | None = "token_logprobs_fwd_native",
+    has_triton: bool = True,
+) -> str:
     """Turn a requested backend into the one that runs: ``"cuda"``, ``"triton"`` or ``"torch"``.
 
-    Raises ValueError for an unknown name, RuntimeError when an explicitly requested backend cannot run here.
+    `native_op` names the compiled kernel op this op family uses (None: the family has no compiled kernel),
+    `has_triton` whether it has Triton kernels. A backend the op family does not implement at all falls back
+    to the `auto` order (so `LACOT_BACKEND=cuda` does not break ops that only exist in Triton / torch); a backend
+    it implements but that cannot run here (extension not built, no Triton) raises RuntimeError.
+    Raises ValueError for an unknown name.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -89,13 +99,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"LACOT_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     dev = device.type
+    if (backend == "cuda" and native_op is None) or (backend == "triton" and not has_triton):
+        backend = "auto"
     if backend == "auto":
-        if native_available(dev):
+        if native_op is not None and native_available(dev, native_op):
             return "cuda"
-        if dev == "cuda" and triton_available(dev):
+        if has_triton and dev == "cuda" and triton_available(dev):
             return "triton"
         return "torch"
-    if backend == "cuda" and not native_available(dev):
+    if backend == "cuda" and not native_available(dev, native_op):
         raise RuntimeError(
             f"backend='cuda' was requested for {dev} tensors, but lacot_kernels._C has no {dev} kernels "
             "(the extension was not built, or built without CUDA). Reinstall with "

@@ -86,7 +86,7 @@ def test_device_mismatch_is_named():
 def test_explicit_backend_that_cannot_run_is_explained(monkeypatch):
     from lacot_kernels import _registry
 
-    monkeypatch.setattr(_registry, "native_available", lambda dev: False)
+    monkeypatch.setattr(_registry, "native_available", lambda dev, op="": False)
     with pytest.raises(RuntimeError, match=r"backend='cuda' was requested for cpu tensors.*_C has no cpu kernels"):
         lk.token_logprobs(X, Y, backend="cuda")
     monkeypatch.setattr(_registry, "triton_available", lambda dev: False)
