@@ -54,7 +54,7 @@ def _extensions():
     debug = _flag("DEBUG")
     here = os.path.dirname(os.path.abspath(__file__))
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030B0000"]
+    cxx_flags += ["-std=c++20", "-fopenmp"]
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     include_dirs = [os.path.join(here, "csrc")]
@@ -77,7 +77,7 @@ def _extensions():
         purelib = sysconfig.get_paths()["purelib"]
         include_dirs += sorted(glob.glob(os.path.join(purelib, "nvidia", "cu*", "include")))
         nvcc_flags = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
-        nvcc_flags += ["-std=c++20", "--use_fast_math", "-DPy_LIMITED_API=0x030B0000"]
+        nvcc_flags += ["-std=c++20", "--use_fast_math"]
         nvcc_flags += ["--threads", os.environ.get("NVCC_THREADS", "2")]
         _log(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
