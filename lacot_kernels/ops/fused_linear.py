@@ -22,6 +22,7 @@ How each backend bounds memory (``LACOT_FUSED_WORKSPACE_MB``, default 256, caps 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -249,6 +250,8 @@ def _fused_fwd_tiled(hidden, weight, bias, targets, temperature, ignore_index, c
         stats[rows] = st
         if compute_entropy:
             ent[rows] = en
+        # Release this tile before the next one is allocated: the peak stays at one tile, not two.
+        del logits, lp, en, st
     nan = torch.tensor(float("nan"), device=dev)
     in_range = (targets >= 0) & (targets < V)
     valid = targets != ignore_index
@@ -304,6 +307,7 @@ def _fused_bwd_vocab_blocked(
                 gw_acc += _mm_f32(g.t(), h[sl])
             if needs[2]:
                 grad_b[v0 : v0 + v_step] += g.float().sum(0)
+            del logits, g  # one tile alive at a time
         if needs[1]:
             grad_w[v0 : v0 + v_step] = gw_acc.to(weight.dtype)
     return _pack_grads(grad_h, grad_w, grad_b, rows, hidden, bias)
@@ -343,6 +347,7 @@ def _fused_bwd_row_chunked(
             grad_w += _mm_f32(g.t(), h)
         if needs[2]:
             grad_b += g.float().sum(0)
+        del logits, g  # one tile alive at a time
     return _pack_grads(grad_h, grad_w.to(weight.dtype) if needs[1] else None, grad_b, rows_all, hidden, bias)
 
 
@@ -372,7 +377,20 @@ def _resolve(backend: str, device: torch.device) -> str:
     return _registry.resolve_backend(backend, device)
 
 
+def _no_autocast(fn):
+    """The ops choose their own precision (fp32 accumulation); a caller's autocast region must not recast the
+    GEMMs inside them to 16 bits."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, *args):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, *args)
+
+    return wrapper
+
+
 @torch.library.register_kernel("lacot::fused_linear_token_logprobs", ("cpu", "cuda"))
+@_no_autocast
 def _fused_impl(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend):
     V = weight.shape[0]
     _checks.check_targets_in_range(targets, V, ignore_index)
@@ -397,6 +415,7 @@ def _fused_fake(hidden, weight, bias, targets, temperature, ignore_index, comput
 
 
 @torch.library.register_kernel("lacot::fused_linear_token_logprobs_backward", ("cpu", "cuda"))
+@_no_autocast
 def _fused_backward_impl(
     grad_logp,
     grad_entropy,
