@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of lacot_kernels against its peers (run with pytest, see conftest.py)."""
