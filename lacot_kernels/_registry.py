@@ -42,6 +42,50 @@ SCHEMAS: dict[str, str] = {
     "Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor stats, "
     "Tensor entropy, float temperature, int ignore_index, bool[3] needs_grad, str backend) "
     "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    # ---- GRPO policy loss (TRL semantics; ops/grpo.py) --------------------------------------------------------
+    # logp/old_logp/ref_logp/mask (B, T) (mask fp32 weights), advantages (B,) fp32; loss () fp32,
+    # stats (4,) fp32 = [mean kl, low, high, region clip fractions], row_scale (B,) = per-row loss weights c_b.
+    "grpo_loss": "grpo_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
+    "Tensor? dapo_normalizer, float beta, float eps_low, float eps_high, str loss_type, int max_completion_length, "
+    "str backend) -> (Tensor loss, Tensor stats, Tensor row_scale)",
+    "grpo_loss_backward": "grpo_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, "
+    "Tensor mask, Tensor? ref_logp, Tensor row_scale, float beta, float eps_low, float eps_high, str backend) "
+    "-> Tensor",
+    # hidden (N, D) with N = B*T, targets/old_logp/mask/ref_logp (N,), advantages (B,). The gradients are formed
+    # in the forward pass (for the inputs flagged in needs_grad; empty otherwise) and scaled in backward.
+    "fused_linear_grpo_loss": "fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? dapo_normalizer, float temperature, "
+    "float beta, float eps_low, float eps_high, str loss_type, int max_completion_length, bool[3] needs_grad, "
+    "str backend) -> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    # ---- GRPO group advantages, LaCoT reward interpolation and sub-trajectory balance (ops/rewards.py, subtb.py)
+    # Outputs and accumulation are fp32, fp64 for fp64 inputs; input gradients have the inputs' dtypes.
+    # rewards (N,) contiguous, N % group_size == 0; scale "group" | "batch" | "none"; NaN rewards -> advantage 0.
+    "group_advantages": "group_advantages(Tensor rewards, int group_size, str scale, float eps, bool unbiased, "
+    "str backend) -> Tensor",
+    "group_advantages_backward": "group_advantages_backward(Tensor grad, Tensor rewards, int group_size, "
+    "str scale, float eps, bool unbiased, str backend) -> Tensor",
+    # values (B, S) float, anchor_mask (B, S) bool, both unit stride along S; the backward returns fp32 / fp64.
+    "interpolate_rewards": "interpolate_rewards(Tensor values, Tensor anchor_mask, str backend) -> Tensor",
+    "interpolate_rewards_backward": "interpolate_rewards_backward(Tensor grad, Tensor anchor_mask, str backend) "
+    "-> Tensor",
+    # log_pf (B, T), log_term / log_reward (B, T+1) one dtype, lengths (B,) int64 -> per-row loss and pair weight.
+    "subtb_loss": "subtb_loss(Tensor log_pf, Tensor log_term, Tensor log_reward, Tensor lengths, float decay, "
+    "str backend) -> (Tensor loss, Tensor weight)",
+    "subtb_loss_backward": "subtb_loss_backward(Tensor grad_loss, Tensor log_pf, Tensor log_term, "
+    "Tensor log_reward, Tensor lengths, float decay, str backend) "
+    "-> (Tensor grad_log_pf, Tensor grad_log_term, Tensor grad_log_reward)",
+    # The same three families in csrc/rewards_{cpu.cpp,cuda.cu} (math in csrc/rewards_math.h). scale: 0 = group,
+    # 1 = batch, 2 = none. Rows whose length is outside [0, T] give NaN (loss, weight and gradients).
+    "group_advantages_fwd_native": "group_advantages_fwd_native(Tensor rewards, int group_size, int scale, "
+    "float eps, bool unbiased) -> Tensor",
+    "group_advantages_bwd_native": "group_advantages_bwd_native(Tensor grad, Tensor rewards, int group_size, "
+    "int scale, float eps, bool unbiased) -> Tensor",
+    "interpolate_rewards_fwd_native": "interpolate_rewards_fwd_native(Tensor values, Tensor anchor_mask) -> Tensor",
+    "interpolate_rewards_bwd_native": "interpolate_rewards_bwd_native(Tensor grad, Tensor anchor_mask) -> Tensor",
+    "subtb_fwd_native": "subtb_fwd_native(Tensor log_pf, Tensor log_term, Tensor log_reward, Tensor lengths, "
+    "float decay) -> (Tensor loss, Tensor weight)",
+    "subtb_bwd_native": "subtb_bwd_native(Tensor grad_loss, Tensor log_pf, Tensor log_term, Tensor log_reward, "
+    "Tensor lengths, float decay) -> (Tensor grad_log_pf, Tensor grad_log_term, Tensor grad_log_reward)",
     # ---- kernels implemented in csrc/ (CPU twin + CUDA) -------------------------------------------------------
     # logits (N, V) with unit stride along V, targets (N,) int64. Ignored rows: logp = entropy = 0, stats = 0,
     # the row is not read. Targets outside [0, V) (other than ignore_index): logp = entropy = NaN.
