@@ -8,7 +8,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
 
-.PHONY: venv build test test-gpu demo bench lint fmt clean
+.PHONY: venv build test test-gpu demo demo-kernels bench lint fmt clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -32,8 +32,12 @@ test: build
 test-gpu: build
 	$(PY) -m pytest -q -m gpu tests benchmarks --benchmark-disable
 
-# The main job on the embedded default (tiny built-in model): speed and memory against torch.
+# The main job: the embedded trainer demo (tiny Qwen2-VL built in code: SFT -> GRPO / LaCoT -> BiN table).
 demo: build
+	$(PY) -m lacot_kernels.trainer demo
+
+# The kernels alone on a tiny built-in model: speed and memory against torch.
+demo-kernels: build
 	$(PY) -m lacot_kernels.demo
 
 # The side-by-side benchmark tables at the issue's CPU shapes (GPU shapes when a GPU is visible).
