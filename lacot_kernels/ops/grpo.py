@@ -640,18 +640,13 @@ def _fused_grpo_forward_only(
     return loss, stats, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
 
 
-def _resolve_fused(backend: str, device: torch.device) -> tuple[str, str]:
-    """(log-prob forward backend, tile backend) of the fused op.
+def _resolve_fused(backend: str, device: torch.device) -> str:
+    """Backend of the fused op: the same rule as fused_linear_token_logprobs, whose pieces it runs.
 
-    Both paths have all three backends: ``cuda`` runs the compiled per-row kernels of token_logprobs (the CPU
-    twin on CPU tensors) on the logits tiles, ``triton`` the fused kernels, ``torch`` plain torch. On CUDA tensors
-    `auto` prefers Triton (the forward-only path then needs no logits tile at all), as
-    fused_linear_token_logprobs does; on CPU tensors it takes the CPU twin when the extension is built."""
-    if backend == "auto" and device.type == "cuda" and os.environ.get("LACOT_BACKEND", "auto") in ("", "auto"):
-        if _registry.triton_available("cuda"):
-            return "triton", "triton"
-    name = _registry.resolve_backend(backend, device)
-    return name, name
+    ``cuda`` runs the compiled per-row kernels of token_logprobs (the CPU twin on CPU tensors) on the logits
+    tiles, ``triton`` the fused kernels, ``torch`` plain torch. On CUDA tensors `auto` prefers Triton (the
+    forward-only path then needs no logits tile at all); on CPU tensors it takes the CPU twin when built."""
+    return _fl._resolve(backend, device)
 
 
 @torch.library.register_kernel("lacot::fused_linear_grpo_loss", ("cpu", "cuda"))
@@ -681,13 +676,13 @@ def _fused_grpo_impl(
     # Only the targets of active tokens are used (and checked): padding may hold any id.
     _checks.check_targets_in_range(torch.where(mask != 0, targets, -1), V, -1)
     lo, hi = _bounds(eps_low, eps_high)
-    fwd_name, tile_name = _resolve_fused(backend, hidden.device)
+    name = _resolve_fused(backend, hidden.device)
     needs = [bool(x) for x in needs_grad]
     needs[2] = needs[2] and bias is not None
     args = (hidden, weight, bias, targets, old_logp, advantages, mask, ref_logp, dapo_normalizer, T, temperature)
     if any(needs):
-        return _fused_grpo_with_grads(*args, beta, lo, hi, loss_type, max_len, needs, tile_name)
-    return _fused_grpo_forward_only(*args, beta, lo, hi, loss_type, max_len, fwd_name)
+        return _fused_grpo_with_grads(*args, beta, lo, hi, loss_type, max_len, needs, name)
+    return _fused_grpo_forward_only(*args, beta, lo, hi, loss_type, max_len, name)
 
 
 @torch.library.register_fake("lacot::fused_linear_grpo_loss")
