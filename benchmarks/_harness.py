@@ -413,6 +413,28 @@ def bench(
     return row
 
 
+def installed(module: str) -> bool:
+    """True when a peer package can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def lacot_missing(provider: str, case: Case, native_op: str = "token_logprobs_fwd_native") -> str | None:
+    """Why one of our own providers (`lacot-cuda`, `lacot-triton`) cannot be timed here, or None."""
+    import lacot_kernels as lk
+
+    dev = DEVICE.type
+    if provider == "lacot-cuda" and not lk.native_available(dev, native_op):
+        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
+    if provider == "lacot-triton":
+        if not lk.triton_available(dev):
+            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
+        if dev == "cpu" and case.size == "full":
+            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
+    return None
+
+
 def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.detach().double() - ref.double()).abs().max()) if x.numel() else 0.0
 

@@ -17,7 +17,6 @@ loss's absolute error against the fp64 reference, ``max|err| grad`` the largest 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
 
 import pytest
@@ -189,15 +188,10 @@ NOTES = {"liger-dpo": "compiled=True" if H.ON_GPU else "compiled=False", "torch-
 
 
 def _missing(provider: str, case: H.Case) -> str | None:
-    dev = H.DEVICE.type
-    if provider == "lacot-cuda" and not lk.native_available(dev):
-        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
-    if provider == "lacot-triton":
-        if not lk.triton_available(dev):
-            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
-        if dev == "cpu" and case.size == "full":
-            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
-    if provider == "liger-dpo" and importlib.util.find_spec("liger_kernel") is None:
+    why = H.lacot_missing(provider, case)
+    if why is not None:
+        return why
+    if provider == "liger-dpo" and not H.installed("liger_kernel"):
         return "liger-kernel not installed"
     return None
 

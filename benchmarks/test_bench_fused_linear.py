@@ -12,7 +12,6 @@ provider (Liger and Cut-Cross-Entropy have no temperature). Ignored rows are a r
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
 
 import pytest
@@ -228,24 +227,16 @@ NOTES = {
 }
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _missing(provider: str, case: H.Case) -> str | None:
+    why = H.lacot_missing(provider, case)
+    if why is not None:
+        return why
     dev = H.DEVICE.type
     full_cpu = dev == "cpu" and case.size == "full"
-    if provider == "lacot-cuda" and not lk.native_available(dev):
-        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
-    if provider == "lacot-triton":
-        if not lk.triton_available(dev):
-            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
-        if full_cpu:
-            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
-    if provider == "trl-chunked" and not _installed("trl"):
+    if provider == "trl-chunked" and not H.installed("trl"):
         return "trl not installed"
     if provider == "liger-flce":
-        if not _installed("liger_kernel"):
+        if not H.installed("liger_kernel"):
             return "liger-kernel not installed"
         if case.entropy:
             return "no entropy output (LigerFusedLinearCrossEntropyLoss returns the loss only)"
@@ -254,7 +245,7 @@ def _missing(provider: str, case: H.Case) -> str | None:
         if full_cpu:
             return "GPU only (Triton kernels; the interpreter is not a performance provider)"
     if provider == "cce":
-        if not _installed("cut_cross_entropy"):
+        if not H.installed("cut_cross_entropy"):
             return "cut-cross-entropy not installed"
         if case.entropy:
             return "no entropy output (linear_cross_entropy returns the loss only)"

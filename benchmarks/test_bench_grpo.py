@@ -22,7 +22,6 @@ lengths per sequence. The ``max|err| logp`` column holds the loss's absolute err
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
 
 import pytest
@@ -231,22 +230,13 @@ NOTES = {
 }
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _missing(provider: str, case: H.Case) -> str | None:
-    dev = H.DEVICE.type
-    if provider == "lacot-cuda" and not lk.native_available(dev):
-        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
-    if provider == "lacot-triton":
-        if not lk.triton_available(dev):
-            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
-        if dev == "cpu" and case.size == "full":
-            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
-    if provider == "liger-grpo" and not _installed("liger_kernel"):
+    why = H.lacot_missing(provider, case)
+    if why is not None:
+        return why
+    if provider == "liger-grpo" and not H.installed("liger_kernel"):
         return "liger-kernel not installed"
-    if provider == "trl-chunked" and not _installed("trl"):
+    if provider == "trl-chunked" and not H.installed("trl"):
         return "trl not installed"
     if provider == "trl-chunked":
         try:

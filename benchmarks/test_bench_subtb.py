@@ -127,14 +127,9 @@ LOSS = {
 
 
 def _missing(provider: str, case: H.Case) -> str | None:
-    dev = H.DEVICE.type
-    if provider == "lacot-cuda" and not lk.native_available(dev, "subtb_fwd_native"):
-        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
-    if provider == "lacot-triton":
-        if not lk.triton_available(dev):
-            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
-        if dev == "cpu" and case.size == "full":
-            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
+    why = H.lacot_missing(provider, case, "subtb_fwd_native")
+    if why is not None:
+        return why
     return None
 
 

@@ -8,7 +8,6 @@ the peak), ``fwd+entropy`` (the same with the entropy), ``fwd_bwd`` (log-probs f
 from __future__ import annotations
 
 import gc
-import importlib.util
 
 import pytest
 import torch
@@ -157,24 +156,16 @@ FWD = {
 }
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def _missing(provider: str, case: H.Case) -> str | None:
+    why = H.lacot_missing(provider, case)
+    if why is not None:
+        return why
     dev = H.DEVICE.type
     full_cpu = dev == "cpu" and case.size == "full"
-    if provider == "lacot-cuda" and not lk.native_available(dev):
-        return f"lacot_kernels._C has no {dev} kernels (extension not built: `make build`)"
-    if provider == "lacot-triton":
-        if not lk.triton_available(dev):
-            return f"Triton cannot run {dev} tensors here (no GPU, TRITON_INTERPRET unset)"
-        if full_cpu:
-            return "interpreter only (no GPU): the Triton interpreter is not a performance provider"
-    if provider == "trl" and not _installed("trl"):
+    if provider == "trl" and not H.installed("trl"):
         return "trl not installed"
     if provider == "liger-ce":
-        if not _installed("liger_kernel"):
+        if not H.installed("liger_kernel"):
             return "liger-kernel not installed"
         if case.entropy:
             return "no entropy output (LigerCrossEntropyLoss returns the loss only)"
