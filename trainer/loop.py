@@ -387,8 +387,20 @@ class Trainer:
 def run(cfg: Config) -> TrainResult:
     """Train (or evaluate, for ``bin``) with one config; the entry point of the CLI and of the demo."""
     trainer = Trainer(cfg)
-    if not trainer.algorithm.trains:
-        result = trainer.algorithm.run()
-        trainer.logger.close()
+    finished = False
+    try:
+        if not trainer.algorithm.trains:
+            result = trainer.algorithm.run()
+            trainer.logger.close()
+        else:
+            result = trainer.fit()
+        finished = True
         return result
-    return trainer.fit()
+    finally:
+        # Leave the process group explicitly: a gloo group torn down by interpreter exit can abort a rank
+        # ("terminate called without an active exception") after the work is done. No barrier after an
+        # error: the other ranks may be waiting in a different collective.
+        if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
