@@ -413,6 +413,15 @@ def bench(
     return row
 
 
+def cached_inputs(store: dict, key: Any, build: Callable[[], dict]) -> dict:
+    """Keep one set of inputs at a time in `store` (the full shapes do not fit twice): rebuilt on a new key."""
+    if store.get("key") != key:
+        store.clear()
+        gc.collect()
+        store.update(build(), key=key)
+    return store
+
+
 def installed(module: str) -> bool:
     """True when a peer package can be imported (without importing it)."""
     import importlib.util

@@ -16,7 +16,6 @@ loss's absolute error against the fp64 reference, ``max|err| grad`` the largest 
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -67,12 +66,7 @@ _INPUTS: dict = {}
 
 
 def _inputs(case: H.Case) -> dict:
-    key = (case.shape, case.dtype, case.ignored_frac)
-    if _INPUTS.get("key") != key:
-        _INPUTS.clear()
-        gc.collect()
-        _INPUTS.update(_build(case), key=key)
-    return _INPUTS
+    return H.cached_inputs(_INPUTS, (case.shape, case.dtype, case.ignored_frac), lambda: _build(case))
 
 
 def _seq_logps64(h64, w64, y, step):

@@ -11,7 +11,6 @@ provider (Liger and Cut-Cross-Entropy have no temperature). Ignored rows are a r
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -76,12 +75,7 @@ _INPUTS: dict = {}
 
 
 def _inputs(case: H.Case) -> dict:
-    key = (case.shape, case.dtype)
-    if _INPUTS.get("key") != key:
-        _INPUTS.clear()
-        gc.collect()
-        _INPUTS.update(_build(case), key=key)
-    return _INPUTS
+    return H.cached_inputs(_INPUTS, (case.shape, case.dtype), lambda: _build(case))
 
 
 def _build(case: H.Case) -> dict:

@@ -21,7 +21,6 @@ lengths per sequence. The ``max|err| logp`` column holds the loss's absolute err
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -82,12 +81,7 @@ _INPUTS: dict = {}
 
 
 def _inputs(case: H.Case) -> dict:
-    key = (case.shape, case.dtype, case.ignored_frac)
-    if _INPUTS.get("key") != key:
-        _INPUTS.clear()
-        gc.collect()
-        _INPUTS.update(_build(case), key=key)
-    return _INPUTS
+    return H.cached_inputs(_INPUTS, (case.shape, case.dtype, case.ignored_frac), lambda: _build(case))
 
 
 def _build(case: H.Case) -> dict:
