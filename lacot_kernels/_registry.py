@@ -36,12 +36,12 @@ SCHEMAS: dict[str, str] = {
     "Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index, str backend) -> Tensor",
     # ---- the same, fused with the LM head (hidden @ weight.T + bias), never holding N x V logits ------------
     "fused_linear_token_logprobs": "fused_linear_token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, "
-    "Tensor targets, float temperature, int ignore_index, bool compute_entropy, str backend) "
-    "-> (Tensor logp, Tensor entropy, Tensor stats)",
+    "Tensor targets, float temperature, int ignore_index, bool compute_entropy, str backend, "
+    "str precision='default') -> (Tensor logp, Tensor entropy, Tensor stats)",
     "fused_linear_token_logprobs_backward": "fused_linear_token_logprobs_backward(Tensor grad_logp, "
     "Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor stats, "
-    "Tensor entropy, float temperature, int ignore_index, bool[3] needs_grad, str backend) "
-    "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    "Tensor entropy, float temperature, int ignore_index, bool[3] needs_grad, str backend, "
+    "str precision='default') -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
     # ---- GRPO policy loss (TRL semantics; ops/grpo.py) --------------------------------------------------------
     # logp/old_logp/ref_logp/mask (B, T) (mask fp32 weights), advantages (B,) fp32; loss () fp32,
     # stats (4,) fp32 = [mean kl, low, high, region clip fractions], row_scale (B,) = per-row loss weights c_b.
@@ -56,7 +56,8 @@ SCHEMAS: dict[str, str] = {
     "fused_linear_grpo_loss": "fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
     "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? dapo_normalizer, float temperature, "
     "float beta, float eps_low, float eps_high, str loss_type, int max_completion_length, bool[3] needs_grad, "
-    "str backend) -> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    "str backend, str precision='default') "
+    "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
     # ---- GRPO group advantages, LaCoT reward interpolation and sub-trajectory balance (ops/rewards.py, subtb.py)
     # Outputs and accumulation are fp32, fp64 for fp64 inputs; input gradients have the inputs' dtypes.
     # rewards (N,) contiguous, N % group_size == 0; scale "group" | "batch" | "none"; NaN rewards -> advantage 0.

@@ -153,8 +153,8 @@ def test_triton_split_merge_is_exact(splits_env, monkeypatch):
         pytest.skip("Triton interpreter not active")
     orig = fl._fwd_config
 
-    def cfg(N, V, D, device):
-        bm, bn, bk, _, w, s = orig(N, V, D, device)
+    def cfg(N, V, D, device, dtype=None):
+        bm, bn, bk, _, w, s = orig(N, V, D, device, dtype)
         return bm, 32, bk, int(splits_env), w, s
 
     monkeypatch.setattr(fl, "_fwd_config", cfg)

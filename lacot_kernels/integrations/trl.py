@@ -44,6 +44,7 @@ import torch
 
 from .. import _checks, _registry, fused_linear_token_logprobs
 from .._dropin import token_logprobs_any_layout
+from ..ops import _lm_head as _lm
 
 __all__ = [
     "SUPPORTED_VERSIONS",
@@ -212,13 +213,6 @@ def _zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` accumulated and returned in fp32, without rounding the product to a 16-bit dtype."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
-    return a.float() @ b.float().t()
-
-
 def _head_metrics(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -242,36 +236,28 @@ def _head_metrics(
     s2 = torch.zeros(N, **f32)
     before = torch.full((N,), -math.inf, **f32)
     z_y = torch.full((N,), -math.inf, **f32)
-    rows = max(1, min(N, 4096))
-    cols = max(256, _METRIC_TILE_ELEMS // rows)
-    with torch.no_grad():
-        for r0 in range(0, N, rows):
-            r = slice(r0, r0 + rows)
-            h = hidden[r]
-            local_all = targets[r]
-            for v0 in range(0, V, cols):
-                z = _mm_fp32(h, weight[v0 : v0 + cols])
-                if bias is not None:
-                    z += bias[v0 : v0 + cols].float()
-                z *= scale
-                n_cols = z.shape[1]
-                if "mean_logits" in want:
-                    z_sum[r] += z.sum(-1)
-                if "is_top1" in want:
-                    local = local_all - v0
-                    ahead = torch.arange(n_cols, device=dev)[None, :] < local[:, None]
-                    before[r] = torch.maximum(before[r], z.masked_fill(~ahead, -math.inf).amax(-1))
-                    inside = (local >= 0) & (local < n_cols)
-                    picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
-                    z_y[r] = torch.where(inside, picked, z_y[r])
-                m_new = torch.maximum(m[r], z.amax(-1))
-                if "log_sum_sq_probs" in want:
-                    # log sum p^2 = log sum e^{2(z-m)} - 2 log sum e^{z-m}: both sums kept relative to the running max
-                    shift = torch.exp(m[r] - m_new)
-                    e = torch.exp(z - m_new[:, None])
-                    s1[r] = s1[r] * shift + e.sum(-1)
-                    s2[r] = s2[r] * shift * shift + (e * e).sum(-1)
-                m[r] = m_new
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        # The LM-head engine's fp32 tiles (row chunk x vocabulary block), same products as the fused op.
+        for r, v0, z in _lm.tiles(hidden, weight, bias, tile_elems=_METRIC_TILE_ELEMS):
+            z *= scale
+            n_cols = z.shape[1]
+            if "mean_logits" in want:
+                z_sum[r] += z.sum(-1)
+            if "is_top1" in want:
+                local = targets[r] - v0
+                ahead = torch.arange(n_cols, device=dev)[None, :] < local[:, None]
+                before[r] = torch.maximum(before[r], z.masked_fill(~ahead, -math.inf).amax(-1))
+                inside = (local >= 0) & (local < n_cols)
+                picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
+                z_y[r] = torch.where(inside, picked, z_y[r])
+            m_new = torch.maximum(m[r], z.amax(-1))
+            if "log_sum_sq_probs" in want:
+                # log sum p^2 = log sum e^{2(z-m)} - 2 log sum e^{z-m}: both sums kept relative to the running max
+                shift = torch.exp(m[r] - m_new)
+                e = torch.exp(z - m_new[:, None])
+                s1[r] = s1[r] * shift + e.sum(-1)
+                s2[r] = s2[r] * shift * shift + (e * e).sum(-1)
+            m[r] = m_new
     out: dict[str, torch.Tensor] = {}
     if "log_sum_sq_probs" in want:
         out["log_sum_sq_probs"] = torch.log(s2) - 2 * torch.log(s1)

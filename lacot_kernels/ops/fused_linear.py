@@ -22,22 +22,18 @@ How each backend bounds memory (``LACOT_FUSED_WORKSPACE_MB``, default 256, caps 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from .. import _checks, _registry
+from . import _lm_head as _lm
 from . import token_logprobs as _tl
 from ._triton_utils import INTERPRET, dot_in_fp32, jit, next_pow2, tl, triton
 
 
-def _workspace_bytes() -> int:
-    return int(float(os.environ.get("LACOT_FUSED_WORKSPACE_MB", "256")) * (1 << 20))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernel: GEMM tiles + online softmax statistics, per (row block, vocabulary split)
+# Triton kernels: forward statistics per (row block, vocabulary split); dlogits per (row block, vocabulary tile)
 # ----------------------------------------------------------------------------------------------------------------
 @jit
 def _fused_linear_fwd_kernel(
@@ -57,6 +53,7 @@ def _fused_linear_fwd_kernel(
     V,
     D,
     v_per_split,
+    n_splits,
     inv_t,
     HAS_BIAS: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
@@ -64,9 +61,9 @@ def _fused_linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_m, pid_s = _lm._grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     n_valid = tl.load(n_valid_ptr)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < n_valid
@@ -82,25 +79,12 @@ def _fused_linear_fwd_kernel(
     s = tl.zeros([BLOCK_M], tl.float32)
     sd = tl.zeros([BLOCK_M], tl.float32)
     x_y = tl.zeros([BLOCK_M], tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
     for v0 in range(v_start, v_stop, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_stop
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < D
-            x = tl.load(
-                hidden_ptr + rows[:, None] * stride_h + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-            )
-            w = tl.load(
-                weight_ptr + cols[:, None] * stride_w + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
-            )
-            if DOT_FP32:
-                # fp32 inputs stay IEEE fp32 (no TF32); under the interpreter bf16 dots are wrong, so upcast.
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+        acc = _lm._logits_block(
+            hidden_ptr, rows, rmask, stride_h, weight_ptr, cols, cmask, stride_w, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         logits = tl.where(cmask[None, :], acc, float("-inf"))
@@ -123,23 +107,105 @@ def _fused_linear_fwd_kernel(
         tl.store(part_sd_ptr + out, sd, mask=rmask)
 
 
+@jit
+def _fused_linear_dlogits_kernel(
+    hidden_ptr,
+    stride_h,
+    weight_ptr,
+    stride_w,
+    bias_ptr,
+    targets_ptr,
+    stats_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    entropy_ptr,
+    out_ptr,
+    lo_ptr,
+    stride_o,
+    n_rows,
+    n_cols,
+    col_offset,
+    V,
+    D,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    SPLIT_HI_LO: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # One (row block x vocabulary tile) of dlogits for the (compacted, all valid) rows of `hidden`: the logits
+    # tile is recomputed in registers with the forward's own products, turned into dlogits in fp32 with the
+    # saved statistics, and only the result, in the GEMM dtype (or as a hi/lo pair), is stored.
+    pid_m, pid_n = _lm._grouped_pid(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = r < n_rows
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < n_cols
+    cols = col_offset + c
+    acc = _lm._logits_block(
+        hidden_ptr, r, rmask, stride_h, weight_ptr, cols, cmask, stride_w, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y = tl.load(targets_ptr + r, mask=rmask, other=-1)
+    m = tl.load(stats_ptr + 2 * r, mask=rmask, other=0.0)
+    logs = tl.load(stats_ptr + 2 * r + 1, mask=rmask, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + r, mask=rmask, other=0.0)
+    log_p = (acc - m[:, None]) * inv_t - logs[:, None]
+    p = tl.exp(log_p)
+    g = -g_logp[:, None] * p
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.load(grad_entropy_ptr + r, mask=rmask, other=0.0)
+        ent = tl.load(entropy_ptr + r, mask=rmask, other=0.0)
+        # dH/dz_v = -p_v (log p_v + H); an underflowed p_v contributes exactly 0.
+        g -= g_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
+    g += tl.where(cols[None, :] == y[:, None], g_logp[:, None], 0.0)
+    g = g * inv_t
+    in_range = (y >= 0) & (y < V)
+    g = tl.where(in_range[:, None], g, float("nan"))
+    offs = r[:, None] * stride_o + c[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    hi = g.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, hi, mask=omask)
+    if SPLIT_HI_LO:
+        # precision="high": the rounding error of hi, itself rounded, so hi + lo carries g to ~2^-16 relative.
+        tl.store(lo_ptr + offs, (g - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=omask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _fwd_config(N: int, V: int, D: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fwd_config(N: int, V: int, D: int, device: torch.device, dtype=None) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages)."""
     if INTERPRET:
         # Big tiles: the interpreter's cost is per program step, not per FLOP. Two splits whenever possible
         # so the split merge is exercised by every CPU test.
         bm, bn, bk = max(16, min(64, next_pow2(N))), max(16, min(128, next_pow2(V))), max(16, min(128, next_pow2(D)))
         return bm, bn, bk, min(2, triton.cdiv(V, bn)), 1, 1
-    bm = 128 if N >= 2048 else 64
-    bn, bk = 128, 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(N, bm)
-    # Split the vocabulary when there are too few row blocks to fill the GPU (small N).
-    splits = max(1, min(triton.cdiv(V, bn), triton.cdiv(2 * sms, row_blocks)))
-    return bm, bn, bk, splits, 8, 3
+    if dtype == torch.float32:
+        # IEEE fp32 has no tensor-core path: FMA tiles small enough to stay in registers (no spills).
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 2
+    else:
+        bm, bn, bk, warps, stages = (128, 128, 64, 8, 3) if N >= 2048 else (64, 128, 64, 4, 3)
+    splits = _lm.wave_splits(triton.cdiv(N, bm), triton.cdiv(V, bn), _sm_count(device), ctas_per_sm=1)
+    return bm, bn, bk, splits, warps, stages
+
+
+def _dlogits_config(n: int, V: int, D: int, dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dlogits kernel."""
+    if INTERPRET:
+        return max(16, min(64, next_pow2(n))), max(16, min(128, next_pow2(V))), max(16, min(128, next_pow2(D))), 1, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    return 128, 128, 64, 8, 3
 
 
 def _merge_splits(part_m, part_s, part_sd, part_xy, inv_t, compute_entropy):
@@ -163,11 +229,11 @@ def _fused_fwd_triton(hidden, weight, bias, targets, temperature, ignore_index, 
     # Valid rows first (stable), counted on the device: the kernel reads the count, the host never does.
     perm = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = valid.sum(dtype=torch.int32).reshape(1)
-    bm, bn, bk, splits, warps, stages = _fwd_config(N, V, D, dev)
+    bm, bn, bk, splits, warps, stages = _fwd_config(N, V, D, dev, hidden.dtype)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), bn) * bn
     splits = triton.cdiv(V, v_per_split)
     part = torch.empty(4, splits, N, device=dev, dtype=torch.float32)
-    _fused_linear_fwd_kernel[(triton.cdiv(N, bm), splits)](
+    _fused_linear_fwd_kernel[(triton.cdiv(N, bm) * splits,)](
         hidden,
         hidden.stride(0),
         perm,
@@ -184,6 +250,7 @@ def _fused_fwd_triton(hidden, weight, bias, targets, temperature, ignore_index, 
         V,
         D,
         v_per_split,
+        splits,
         inv_t,
         HAS_BIAS=bias is not None,
         COMPUTE_ENTROPY=compute_entropy,
@@ -191,6 +258,7 @@ def _fused_fwd_triton(hidden, weight, bias, targets, temperature, ignore_index, 
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        GROUP_M=_lm.GROUP_M,
         num_warps=warps,
         num_stages=stages,
     )
@@ -199,6 +267,50 @@ def _fused_fwd_triton(hidden, weight, bias, targets, temperature, ignore_index, 
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(N, device=dev)
     return _finish(logp[inv], ent[inv] if compute_entropy else None, stats[inv], targets, V, ignore_index)
+
+
+def _dlogits_triton(h, w_blk, b_blk, y, st, g_logp, g_ent, ent, temperature, vocab, v0, out_dtype, split):
+    """dlogits of one (rows x vocabulary block) tile, logits recomputed in registers; (hi, lo) when `split`."""
+    n, D = h.shape
+    nc = w_blk.shape[0]
+    out = torch.empty(n, nc, device=h.device, dtype=out_dtype)
+    lo = torch.empty_like(out) if split else out
+    bm, bn, bk, warps, stages = _dlogits_config(n, nc, D, h.dtype)
+    grid = (triton.cdiv(n, bm) * triton.cdiv(nc, bn),)
+    # The kernel indexes the full weight with global columns [v0, v0 + nc): pass the block's base pointer and
+    # a zero offset (same addresses, and the bias block likewise).
+    _fused_linear_dlogits_kernel[grid](
+        h,
+        h.stride(0),
+        w_blk,
+        w_blk.stride(0),
+        b_blk if b_blk is not None else h,
+        y,
+        st,
+        g_logp,
+        g_ent if g_ent is not None else g_logp,
+        ent if ent is not None else g_logp,
+        out,
+        lo,
+        out.stride(0),
+        n,
+        nc,
+        0,
+        vocab - v0,
+        D,
+        1.0 / temperature,
+        HAS_BIAS=b_blk is not None,
+        HAS_GRAD_ENTROPY=g_ent is not None,
+        DOT_FP32=dot_in_fp32(h.dtype),
+        SPLIT_HI_LO=split,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=_lm.GROUP_M,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return (out, lo) if split else out
 
 
 def _finish(logp, ent, stats, targets, V, ignore_index):
@@ -214,18 +326,8 @@ def _finish(logp, ent, stats, targets, V, ignore_index):
     return logp, ent, torch.where(valid[:, None], stats, 0.0)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32 without rounding the product to a 16-bit dtype."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _logits_tile(h, w, bias):
-    x = _mm_f32(h, w.t())
-    return x if bias is None else x + bias.float()
+# Kept as module attributes: tests spy on the tiles the torch paths build.
+_logits_tile = _lm.logits_tile
 
 
 def _valid_rows(targets, ignore_index):
@@ -240,18 +342,18 @@ def _fused_fwd_tiled(hidden, weight, bias, targets, temperature, ignore_index, c
     logp = torch.zeros(N, device=dev, dtype=torch.float32)
     ent = torch.zeros(N if compute_entropy else 0, device=dev, dtype=torch.float32)
     stats = torch.zeros(N, 2, device=dev, dtype=torch.float32)
-    rows_all = _valid_rows(targets, ignore_index)
-    step = max(1, _workspace_bytes() // (4 * V))
-    for r0 in range(0, rows_all.numel(), step):
-        rows = rows_all[r0 : r0 + step]
-        logits = _logits_tile(hidden[rows], weight, bias)
-        lp, en, st = _tl.FWD[backend](logits, targets[rows], temperature, ignore_index, compute_entropy)
+    fwd = _tl.FWD[backend]
+
+    def tile(logits, rows):
+        lp, en, st = fwd(logits, targets[rows], temperature, ignore_index, compute_entropy)
         logp[rows] = lp
         stats[rows] = st
         if compute_entropy:
             ent[rows] = en
-        # Release this tile before the next one is allocated: the peak stays at one tile, not two.
-        del logits, lp, en, st
+
+    _lm.row_chunks(
+        hidden, weight, bias, _valid_rows(targets, ignore_index), bytes_per_elem=4, tile_fn=tile, logits_fn=_logits_tile
+    )
     nan = torch.tensor(float("nan"), device=dev)
     in_range = (targets >= 0) & (targets < V)
     valid = targets != ignore_index
@@ -261,37 +363,72 @@ def _fused_fwd_tiled(hidden, weight, bias, targets, temperature, ignore_index, c
     return logp, ent, stats
 
 
+def _gemm_dlogits(g32: torch.Tensor, dtype: torch.dtype, precision: str):
+    """The form the backward GEMMs take fp32 dlogits in: rounded to the input dtype ("default"), or a hi/lo pair
+    on a GPU ("high"; on a CPU the GEMMs run in fp32 anyway, so the fp32 tile itself is used)."""
+    if dtype == torch.float32:
+        return g32
+    if precision == "high":
+        return _lm.split_hi_lo(g32, dtype) if g32.is_cuda else g32
+    return g32.to(dtype)
+
+
 def _fused_bwd_vocab_blocked(
-    grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index, needs, backend
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    needs,
+    backend,
+    precision="default",
 ):
-    """Vocabulary blocks x row chunks of the valid rows; dW finished one block at a time (fp32 accumulation)."""
-    N, D = hidden.shape
+    """Vocabulary blocks x row chunks of the valid rows; dW finished one block at a time (fp32 accumulation).
+
+    triton: the dlogits kernel recomputes each logits tile in registers (no fp32 tile in memory); torch: an fp32
+    logits tile and the per-row backward of token_logprobs."""
     V = weight.shape[0]
     rows = _valid_rows(targets, ignore_index)
     h = hidden[rows]
-    y, st, g_logp = targets[rows], stats[rows], grad_logp[rows]
-    g_ent = grad_entropy[rows] if grad_entropy is not None else None
-    ent = entropy[rows] if grad_entropy is not None else None
-    n = rows.numel()
-    # Tile = (row chunk) x (vocab block) of fp32 logits + its dlogits: within the workspace budget.
-    tile_elems = max(1, _workspace_bytes() // 8)
-    r_step = max(1, min(n, tile_elems // 128))
-    v_step = max(128, min(V, tile_elems // max(r_step, 1)))
-    grad_h = torch.zeros(n, D, device=hidden.device, dtype=torch.float32) if needs[0] else None
-    grad_w = torch.zeros_like(weight) if needs[1] else None
-    grad_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if needs[2] else None
-    bwd = _tl.BWD[backend]
-    for v0 in range(0, V, v_step):
-        w_blk = weight[v0 : v0 + v_step]
-        b_blk = bias[v0 : v0 + v_step] if bias is not None else None
-        gw_acc = torch.zeros(w_blk.shape, device=hidden.device, dtype=torch.float32) if needs[1] else None
-        for r0 in range(0, n, r_step):
-            sl = slice(r0, r0 + r_step)
-            logits = _logits_tile(h[sl], w_blk, b_blk)
+    y, st, g_logp = targets[rows], stats[rows].contiguous(), grad_logp[rows].contiguous()
+    g_ent = grad_entropy[rows].contiguous() if grad_entropy is not None else None
+    ent = entropy[rows].contiguous() if grad_entropy is not None else None
+    split = precision == "high" and hidden.dtype != torch.float32
+    if backend == "triton":
+        out_dtype = hidden.dtype
+
+        def tile(hc, w_blk, b_blk, sl, v0):
+            return _dlogits_triton(
+                hc,
+                w_blk,
+                b_blk,
+                y[sl],
+                st[sl],
+                g_logp[sl],
+                g_ent[sl] if g_ent is not None else None,
+                ent[sl] if ent is not None else None,
+                temperature,
+                V,
+                v0,
+                out_dtype,
+                split,
+            )
+
+        per_elem = hidden.element_size() * (2 if split else 1)
+    else:
+        bwd = _tl.BWD[backend]
+        keep32 = split or hidden.dtype == torch.float32
+
+        def tile(hc, w_blk, b_blk, sl, v0):
             g = bwd(
                 g_logp[sl],
                 g_ent[sl] if g_ent is not None else None,
-                logits,
+                _logits_tile(hc, w_blk, b_blk),
                 y[sl],
                 st[sl],
                 ent[sl] if ent is not None else None,
@@ -299,37 +436,34 @@ def _fused_bwd_vocab_blocked(
                 ignore_index,
                 col_offset=v0,
                 vocab=V,
-                out_dtype=hidden.dtype,
+                out_dtype=torch.float32 if keep32 else hidden.dtype,
             )
-            if needs[0]:
-                grad_h[sl] += _mm_f32(g, w_blk)
-            if needs[1]:
-                gw_acc += _mm_f32(g.t(), h[sl])
-            if needs[2]:
-                grad_b[v0 : v0 + v_step] += g.float().sum(0)
-            del logits, g  # one tile alive at a time
-        if needs[1]:
-            grad_w[v0 : v0 + v_step] = gw_acc.to(weight.dtype)
-    return _pack_grads(grad_h, grad_w, grad_b, rows, hidden, bias)
+            return _gemm_dlogits(g, hidden.dtype, precision) if keep32 else g
+
+        per_elem = 8
+    gh, gw, gb = _lm.vocab_blocks(h, weight, bias, bytes_per_elem=per_elem, tile_fn=tile, needs=needs)
+    return _pack_grads(gh, gw, gb, rows, hidden, bias)
 
 
 def _fused_bwd_row_chunked(
-    grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index, needs, backend
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    temperature,
+    ignore_index,
+    needs,
+    backend,
+    precision="default",
 ):
     """Row chunks x the whole vocabulary, for per-row kernels (the compiled CPU twin / CUDA kernel)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    rows_all = _valid_rows(targets, ignore_index)
-    n = rows_all.numel()
-    step = max(1, _workspace_bytes() // (8 * V))
-    grad_h = torch.zeros(n, D, device=hidden.device, dtype=torch.float32) if needs[0] else None
-    grad_w = torch.zeros(weight.shape, device=hidden.device, dtype=torch.float32) if needs[1] else None
-    grad_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if needs[2] else None
     bwd = _tl.BWD[backend]
-    for r0 in range(0, n, step):
-        rows = rows_all[r0 : r0 + step]
-        h = hidden[rows]
-        logits = _logits_tile(h, weight, bias)
+
+    def tile(logits, rows):
         g = bwd(
             grad_logp[rows],
             grad_entropy[rows] if grad_entropy is not None else None,
@@ -340,15 +474,13 @@ def _fused_bwd_row_chunked(
             temperature,
             ignore_index,
         )
-        g = g.to(hidden.dtype)
-        if needs[0]:
-            grad_h[r0 : r0 + step] = _mm_f32(g, weight)
-        if needs[1]:
-            grad_w += _mm_f32(g.t(), h)
-        if needs[2]:
-            grad_b += g.float().sum(0)
-        del logits, g  # one tile alive at a time
-    return _pack_grads(grad_h, grad_w.to(weight.dtype) if needs[1] else None, grad_b, rows_all, hidden, bias)
+        return _gemm_dlogits(g, hidden.dtype, precision)
+
+    rows_all = _valid_rows(targets, ignore_index)
+    gh, gw, gb = _lm.row_chunks(
+        hidden, weight, bias, rows_all, bytes_per_elem=8, tile_fn=tile, needs=needs, logits_fn=_logits_tile
+    )
+    return _pack_grads(gh, gw.to(weight.dtype) if gw is not None else None, gb, rows_all, hidden, bias)
 
 
 def _pack_grads(grad_h_valid, grad_w, grad_b, rows, hidden, bias):
@@ -377,21 +509,15 @@ def _resolve(backend: str, device: torch.device) -> str:
     return _registry.resolve_backend(backend, device)
 
 
-def _no_autocast(fn):
-    """The ops choose their own precision (fp32 accumulation); a caller's autocast region must not recast the
-    GEMMs inside them to 16 bits."""
-
-    @functools.wraps(fn)
-    def wrapper(hidden, *args):
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fn(hidden, *args)
-
-    return wrapper
+# Kept under its old name: the fused GRPO op imports it from here.
+_no_autocast = _lm.no_autocast
 
 
 @torch.library.register_kernel("lacot::fused_linear_token_logprobs", ("cpu", "cuda"))
 @_no_autocast
-def _fused_impl(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend):
+def _fused_impl(
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend, precision="default"
+):
     V = weight.shape[0]
     _checks.check_targets_in_range(targets, V, ignore_index)
     name = _resolve(backend, hidden.device)
@@ -404,7 +530,9 @@ def _fused_impl(hidden, weight, bias, targets, temperature, ignore_index, comput
 
 
 @torch.library.register_fake("lacot::fused_linear_token_logprobs")
-def _fused_fake(hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend):
+def _fused_fake(
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend, precision="default"
+):
     N = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
     return (
@@ -429,6 +557,7 @@ def _fused_backward_impl(
     ignore_index,
     needs_grad,
     backend,
+    precision="default",
 ):
     name = _resolve(backend, hidden.device)
     fn = _fused_bwd_row_chunked if name == "cuda" else _fused_bwd_vocab_blocked
@@ -445,6 +574,7 @@ def _fused_backward_impl(
         ignore_index,
         list(needs_grad),
         name,
+        precision,
     )
 
 
@@ -462,6 +592,7 @@ def _fused_backward_fake(
     ignore_index,
     needs_grad,
     backend,
+    precision="default",
 ):
     empty = hidden.new_empty(0)
     return (
@@ -472,18 +603,20 @@ def _fused_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, backend = inputs[:8]
+    precision = inputs[8] if len(inputs) > 8 else "default"
     _, entropy, stats = output
     ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
-    ctx.args = (temperature, ignore_index, compute_entropy, backend)
+    ctx.args = (temperature, ignore_index, compute_entropy, backend, precision)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, backend = ctx.args
+    temperature, ignore_index, compute_entropy, backend, precision = ctx.args
+    n_in = len(ctx.needs_input_grad)
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if not any(needs):
-        return None, None, None, None, None, None, None, None
+        return (None,) * n_in
     gh, gw, gb = torch.ops.lacot.fused_linear_token_logprobs_backward(
         grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if compute_entropy else None,
@@ -497,8 +630,9 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
         ignore_index,
         needs,
         backend,
+        precision,
     )
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None, None, None, None, None)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + (None,) * (n_in - 3)
 
 
 torch.library.register_autograd("lacot::fused_linear_token_logprobs", _backward, setup_context=_setup_context)
@@ -517,6 +651,7 @@ def fused_linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    precision: str = "default",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without materializing the N x V logits.
 
@@ -530,7 +665,11 @@ def fused_linear_token_logprobs(
         ignore_index: target value of positions to skip.
         return_entropy: also return the entropy of ``softmax(logits / temperature)``.
         backend: ``"auto" | "cuda" | "triton" | "torch"`` (``auto`` honours ``LACOT_BACKEND``; on CUDA
-            tensors it prefers the fused Triton kernel).
+            tensors it prefers the fused Triton kernels, forward and backward).
+        precision: ``"default"``: for 16-bit inputs the backward rounds dlogits to the input dtype before the
+            dX / dW GEMMs (fp32 accumulation), as every peer does; ``"high"``: dlogits enter those GEMMs as a
+            hi + lo pair of 16-bit tiles (two tensor-core GEMMs per product instead of one), which keeps the
+            gradients at about fp32 accuracy. No effect for fp32 inputs (IEEE fp32 throughout).
 
     Returns:
         ``logp`` ``(...)`` float32, or ``(logp, entropy)``. Differentiable with respect to ``hidden``,
@@ -570,6 +709,8 @@ def fused_linear_token_logprobs(
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
+    if precision not in _lm.PRECISIONS:
+        raise ValueError(f"precision must be one of {_lm.PRECISIONS}, got {precision!r}")
 
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, D)
@@ -578,7 +719,7 @@ def fused_linear_token_logprobs(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
     logp, entropy, _ = torch.ops.lacot.fused_linear_token_logprobs(
-        h, w, bias, t, temperature, ignore_index, bool(return_entropy), backend
+        h, w, bias, t, temperature, ignore_index, bool(return_entropy), backend, precision
     )
     if return_entropy:
         return logp.view(lead), entropy.view(lead)

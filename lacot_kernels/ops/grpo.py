@@ -36,11 +36,11 @@ Masked tokens (M == 0) contribute exactly 0 to the loss, the statistics and the 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .. import _checks, _registry
+from . import _lm_head as _lm
 from . import fused_linear as _fl
 from ._triton_utils import INTERPRET, jit, next_pow2, tl, triton
 
@@ -444,32 +444,6 @@ torch.library.register_autograd("lacot::grpo_loss", _grpo_backward, setup_contex
 # ----------------------------------------------------------------------------------------------------------------
 # Fused with the LM head: row chunks of the active tokens, 3 GEMMs, gradients formed in the forward pass
 # ----------------------------------------------------------------------------------------------------------------
-def _chunk_rows(V: int, elem_bytes: int, device: torch.device) -> int:
-    """Active tokens per chunk so that the chunk's fp32 logits tile and its dlogits fit the workspace.
-
-    The default workspace is larger on a GPU (2 GiB): every chunk reads and writes the fp32 V x D accumulator of
-    dW, so chunks of a few hundred rows would spend more time on that traffic than on the GEMMs.
-    `LACOT_FUSED_WORKSPACE_MB` overrides both defaults."""
-    env = os.environ.get("LACOT_FUSED_WORKSPACE_MB")
-    mb = float(env) if env else (2048.0 if device.type == "cuda" else 256.0)
-    return max(1, int(mb * (1 << 20)) // (V * elem_bytes))
-
-
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with fp32 accumulation, without an fp32 temporary of acc's size on CUDA."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda and a.dtype == b.dtype:
-        try:
-            # One cuBLAS call: 16-bit A and B, fp32 C accumulated in place (beta = 1).
-            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-            return
-        except (AttributeError, RuntimeError):  # torch without addmm.dtype, or one requiring self.dtype == A.dtype
-            pass
-    acc.add_(_fl._mm_f32(a, b))
-
-
 def _tile_triton(logits, grad, tok, targets, old, ref, adv, mask, scale, T, inv_t, beta, lo, hi, temperature):
     r, V = logits.shape
     out = torch.empty(r, 5, device=logits.device, dtype=torch.float32)
@@ -564,9 +538,9 @@ def _fused_grpo_with_grads(
     L,
     needs,
     name,
+    precision="default",
 ):
-    N, D = hidden.shape
-    V = weight.shape[0]
+    N = hidden.shape[0]
     B = adv.shape[0]
     dev = hidden.device
     inv_t = 1.0 / temperature
@@ -575,31 +549,28 @@ def _fused_grpo_with_grads(
     # Row skipping: masked tokens (prompt padding, tokens after EOS) never reach a GEMM. Sizing the loop needs
     # the count on the host (one sync), which the custom op hides from torch.compile.
     rows_all = (mask != 0).nonzero().squeeze(1)
-    n = rows_all.numel()
     tok_out = torch.zeros(N, 5, device=dev, dtype=torch.float32)
-    grad_h = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
-    grad_w = torch.zeros(weight.shape, device=dev, dtype=torch.float32) if needs[1] else None
-    grad_b = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
-    # fp32 logits tile + a dlogits tile in the GEMM dtype (aliasing the logits tile when that is fp32).
-    same = hidden.dtype == torch.float32
-    per_elem = 4 if same else 4 + hidden.element_size()
+    # dlogits: fp32 (aliasing the logits tile) for fp32 inputs and for precision="high" (then split hi/lo or kept
+    # fp32 by the engine's rule), else a tile in the GEMM dtype.
+    keep32 = hidden.dtype == torch.float32 or precision == "high"
+    per_elem = 4 if keep32 else 4 + hidden.element_size()
     if name != "triton":
         per_elem += 4  # the torch tile's exp() buffer / the native backward's output tile
-    step = _chunk_rows(V, per_elem, dev)
     tile_fn = TILE[name]
-    for r0 in range(0, n, step):
-        tok = rows_all[r0 : r0 + step]
-        h = hidden[tok]
-        logits = _fl._logits_tile(h, weight, bias).contiguous()
-        g = logits if same else torch.empty(logits.shape, device=dev, dtype=hidden.dtype)
+
+    def tile(logits, tok):
+        g = logits if keep32 else torch.empty(logits.shape, device=dev, dtype=hidden.dtype)
         tok_out[tok] = tile_fn(logits, g, tok, targets, old, ref, adv, mask, scale, T, inv_t, beta, lo, hi, temperature)
-        if needs[0]:
-            grad_h[tok] = _fl._mm_f32(g, weight).to(hidden.dtype)
-        if needs[1]:
-            _addmm_f32_(grad_w, g.t(), h)
-        if needs[2]:
-            grad_b += g.float().sum(0)
-        del logits, g  # release this tile before the next one is allocated: one tile alive at a time
+        return _fl._gemm_dlogits(g, hidden.dtype, precision) if keep32 else g
+
+    gh, gw, gb = _lm.row_chunks(
+        hidden, weight, bias, rows_all, bytes_per_elem=per_elem, tile_fn=tile, needs=needs, logits_fn=_fl._logits_tile
+    )
+    if needs[0]:
+        grad_h = torch.zeros_like(hidden)
+        grad_h[rows_all] = gh.to(hidden.dtype)
+    else:
+        grad_h = hidden.new_empty(0)
     w = mask.view(B, T)
     on = w != 0
     t = tok_out.view(B, T, 5)
@@ -613,8 +584,8 @@ def _fused_grpo_with_grads(
         loss,
         stats,
         grad_h,
-        grad_w.to(weight.dtype) if needs[1] else hidden.new_empty(0),
-        grad_b.to(bias.dtype) if needs[2] else hidden.new_empty(0),
+        gw.to(weight.dtype) if needs[1] else hidden.new_empty(0),
+        gb.to(bias.dtype) if needs[2] else hidden.new_empty(0),
     )
 
 
@@ -669,6 +640,7 @@ def _fused_grpo_impl(
     max_len,
     needs_grad,
     backend,
+    precision="default",
 ):
     V = weight.shape[0]
     B = advantages.shape[0]
@@ -681,7 +653,7 @@ def _fused_grpo_impl(
     needs[2] = needs[2] and bias is not None
     args = (hidden, weight, bias, targets, old_logp, advantages, mask, ref_logp, dapo_normalizer, T, temperature)
     if any(needs):
-        return _fused_grpo_with_grads(*args, beta, lo, hi, loss_type, max_len, needs, name)
+        return _fused_grpo_with_grads(*args, beta, lo, hi, loss_type, max_len, needs, name, precision)
     return _fused_grpo_forward_only(*args, beta, lo, hi, loss_type, max_len, name)
 
 
@@ -704,6 +676,7 @@ def _fused_grpo_fake(
     max_len,
     needs_grad,
     backend,
+    precision="default",
 ):
     f32 = dict(device=hidden.device, dtype=torch.float32)
     return (
@@ -724,7 +697,7 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_backward(ctx, grad_loss, *_unused):
     gh, gw, gb = ctx.saved_tensors
     # The gradients were formed in the forward pass for an upstream gradient of 1: scale them (in their dtype).
-    out = [None] * 17
+    out = [None] * len(ctx.needs_input_grad)
     for i, g in enumerate((gh, gw, gb)):
         if ctx.needs_input_grad[i] and g.numel() > 0:
             out[i] = g * grad_loss.to(g.dtype)
@@ -919,6 +892,7 @@ def fused_linear_grpo_loss(
     max_completion_length: int | None = None,
     dapo_normalizer: float | torch.Tensor | None = None,
     backend: str = "auto",
+    precision: str = "default",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`grpo_loss` of ``logp = log_softmax((hidden @ weight.T + bias) / temperature)[targets]``,
     without the N x V logits, with the logits gradient formed in the forward pass (3 GEMMs instead of 4).
@@ -935,6 +909,8 @@ def fused_linear_grpo_loss(
         bias: optional ``(V,)``, same dtype as ``weight``.
         temperature: finite, > 0; the policy is ``softmax(logits / temperature)`` (TRL divides the logits by
             the sampling temperature).
+        precision: ``"default" | "high"``, as in :func:`fused_linear_token_logprobs` (dlogits rounded to the
+            input dtype before the dX / dW GEMMs, or carried as a hi + lo pair).
 
     Returns:
         ``(loss, stats)`` as :func:`grpo_loss`. ``loss`` is differentiable with respect to ``hidden``,
@@ -992,6 +968,8 @@ def fused_linear_grpo_loss(
     )
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
+    if precision not in _lm.PRECISIONS:
+        raise ValueError(f"precision must be one of {_lm.PRECISIONS}, got {precision!r}")
 
     grad_on = torch.is_grad_enabled()
     needs = [
@@ -1017,5 +995,6 @@ def fused_linear_grpo_loss(
         L,
         needs,
         backend,
+        precision,
     )
     return loss, _stats_dict(stats, ref_logp is not None)
