@@ -75,8 +75,10 @@ def _logits_block(
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < D
-        x = tl.load(hidden_ptr + row_off + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(weight_ptr + col_off + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        # One 64-bit offset per element (not a 64-bit base then a 32-bit step): every 2-D address is formed in
+        # int64, which the sm_90 compile check verifies in the IR.
+        x = tl.load(hidden_ptr + (row_off + kk[None, :]), mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(weight_ptr + (col_off + kk[None, :]), mask=cmask[:, None] & kmask[None, :], other=0.0)
         if DOT_FP32:
             # fp32 inputs stay IEEE fp32 (no TF32), the rule of every GEMM of this engine; under the interpreter
             # 16-bit dots are wrong (triton#11584), so they are upcast there too.
