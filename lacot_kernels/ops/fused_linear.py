@@ -143,14 +143,15 @@ def _fused_linear_dlogits_kernel(
     pid_m, pid_n = _lm._grouped_pid(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = r < n_rows
+    # `weight_ptr` / `bias_ptr` point at the block's first row: local columns c address them, and the global
+    # vocabulary id of column c is col_offset + c.
     c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = c < n_cols
-    cols = col_offset + c
     acc = _lm._logits_block(
-        hidden_ptr, r, rmask, stride_h, weight_ptr, cols, cmask, stride_w, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K
+        hidden_ptr, r, rmask, stride_h, weight_ptr, c, cmask, stride_w, D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K
     )
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = tl.load(targets_ptr + r, mask=rmask, other=-1)
     m = tl.load(stats_ptr + 2 * r, mask=rmask, other=0.0)
     logs = tl.load(stats_ptr + 2 * r + 1, mask=rmask, other=0.0)
@@ -163,7 +164,7 @@ def _fused_linear_dlogits_kernel(
         ent = tl.load(entropy_ptr + r, mask=rmask, other=0.0)
         # dH/dz_v = -p_v (log p_v + H); an underflowed p_v contributes exactly 0.
         g -= g_ent[:, None] * tl.where(p > 0.0, p * (log_p + ent[:, None]), 0.0)
-    g += tl.where(cols[None, :] == y[:, None], g_logp[:, None], 0.0)
+    g += tl.where((col_offset + c)[None, :] == y[:, None], g_logp[:, None], 0.0)
     g = g * inv_t
     in_range = (y >= 0) & (y < V)
     g = tl.where(in_range[:, None], g, float("nan"))
@@ -277,8 +278,6 @@ def _dlogits_triton(h, w_blk, b_blk, y, st, g_logp, g_ent, ent, temperature, voc
     lo = torch.empty_like(out) if split else out
     bm, bn, bk, warps, stages = _dlogits_config(n, nc, D, h.dtype)
     grid = (triton.cdiv(n, bm) * triton.cdiv(nc, bn),)
-    # The kernel indexes the full weight with global columns [v0, v0 + nc): pass the block's base pointer and
-    # a zero offset (same addresses, and the bias block likewise).
     _fused_linear_dlogits_kernel[grid](
         h,
         h.stride(0),
@@ -295,8 +294,8 @@ def _dlogits_triton(h, w_blk, b_blk, y, st, g_logp, g_ent, ent, temperature, voc
         out.stride(0),
         n,
         nc,
-        0,
-        vocab - v0,
+        v0,
+        vocab,
         D,
         1.0 / temperature,
         HAS_BIAS=b_blk is not None,
