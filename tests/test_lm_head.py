@@ -19,7 +19,7 @@ needs_interp = pytest.mark.skipif(not lk.triton_available("cpu"), reason="Triton
 # ---- workspace rule -------------------------------------------------------------------------------------------
 def test_one_workspace_rule(monkeypatch):
     monkeypatch.delenv(lm.WORKSPACE_ENV, raising=False)
-    assert lm.workspace_bytes(torch.device("cpu")) == 256 << 20
+    assert lm.workspace_bytes(torch.device("cpu")) == 128 << 20
     assert lm.workspace_bytes(torch.device("cuda")) == 2048 << 20
     monkeypatch.setenv(lm.WORKSPACE_ENV, "0.5")
     assert lm.workspace_bytes(torch.device("cpu")) == lm.workspace_bytes(torch.device("cuda")) == 1 << 19

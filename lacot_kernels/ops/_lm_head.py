@@ -1,7 +1,7 @@
 """The LM-head tile engine: every op that needs ``hidden @ weight.T (+ bias)`` without holding N x V goes here.
 
 It owns the things the fused-head callers used to write each for themselves:
-  * the workspace rule: ``LACOT_FUSED_WORKSPACE_MB`` (default 256 MiB on CPU, 2048 MiB on CUDA, where fewer,
+  * the workspace rule: ``LACOT_FUSED_WORKSPACE_MB`` (default 128 MiB on CPU, 2048 MiB on CUDA, where fewer,
     larger tiles cut the read-modify-write traffic of the fp32 gradient accumulators) bounds every tile;
   * the precision rule: 16-bit inputs are multiplied on their own dtype with fp32 accumulation (tensor cores on
     a GPU); fp32 inputs are IEEE fp32 in every GEMM, forward and backward, whatever ``allow_tf32`` says, so the
@@ -29,7 +29,7 @@ import torch
 from ._triton_utils import jit, tl
 
 WORKSPACE_ENV = "LACOT_FUSED_WORKSPACE_MB"
-DEFAULT_WORKSPACE_MB = {"cpu": 256.0, "cuda": 2048.0}
+DEFAULT_WORKSPACE_MB = {"cpu": 128.0, "cuda": 2048.0}
 PRECISIONS = ("default", "high")
 # Row blocks per group of the program order: a group's programs walk the vocabulary together, so GROUP_M panels of
 # `hidden` (1 MiB each at BLOCK_M=128, D=4096 bf16) stay in L2 while each weight tile is read once per group.
@@ -109,7 +109,7 @@ def wave_splits(row_blocks: int, col_tiles: int, sms: int, *, ctas_per_sm: int =
 def workspace_bytes(device: torch.device) -> int:
     """Bytes one LM-head tile (logits and/or dlogits) may take on `device`."""
     env = os.environ.get(WORKSPACE_ENV, "").strip()
-    mb = float(env) if env else DEFAULT_WORKSPACE_MB.get(device.type, 256.0)
+    mb = float(env) if env else DEFAULT_WORKSPACE_MB.get(device.type, 128.0)
     return max(1, int(mb * (1 << 20)))
 
 

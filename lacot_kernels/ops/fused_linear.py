@@ -3,21 +3,28 @@
     logits = hidden @ weight.T + bias            (never materialized as a whole)
     logp[n] = log_softmax(logits[n] / T)[targets[n]],   entropy[n] = H(softmax(logits[n] / T))
 
-Read top to bottom: Triton kernel -> launchers (Triton forward; tiled forward/backward shared by all backends)
--> the registered op (implementation, fake, autograd) -> the typed public function.
+Read top to bottom: Triton kernels (forward statistics, backward dlogits) -> launchers -> the tiled paths of the
+other backends -> the registered op (implementation, fake, autograd) -> the typed public function. Tiling,
+workspace (``LACOT_FUSED_WORKSPACE_MB``), fp32-accumulated GEMMs and autocast live in the tile engine
+``_lm_head.py``, shared with the fused GRPO op and the TRL patch.
 
-How each backend bounds memory (``LACOT_FUSED_WORKSPACE_MB``, default 256, caps the logits tiles):
   * triton forward: one kernel; each program owns BLOCK_M rows x a vocabulary split, runs the GEMM tiles with
     fp32 accumulation and folds them into online (max, sum-exp, sum-exp*d) statistics in registers; the splits
-    are merged in a fixed order (deterministic). Rows are first ordered valid-first on the device and program
-    blocks past the number of valid rows exit at once: ignored rows cost no matmul work and no host sync.
+    are merged in a fixed order (deterministic). Programs run in grouped order (GROUP_M row blocks walk the
+    vocabulary together, so their `hidden` panels stay in L2) and the split count fills whole waves of SMs.
+    Rows are first ordered valid-first on the device and program blocks past the number of valid rows exit at
+    once: ignored rows cost no matmul work and no host sync.
+  * triton backward (the default on CUDA): vocabulary blocks x row chunks of the valid rows; one kernel
+    recomputes each logits tile in registers with the forward's own products, forms dlogits in fp32 from the saved
+    statistics and stores only dlogits in the input dtype (precision="default") or as a hi/lo pair ("high");
+    dX += G W and dW = G^T X follow as fp32-accumulated tensor-core GEMMs. No fp32 tile and no N x V in memory;
+    deterministic (no atomics).
   * cuda / torch forward: row chunks of the valid rows; each chunk's (rows x V) fp32 logits tile goes through
     the per-row kernel of `token_logprobs` (the compiled CPU twin / CUDA kernel, or torch).
-  * backward (all backends): the logits tiles are recomputed in fp32 and turned into dlogits with the saved
-    softmax statistics, then dX = G @ W and dW = G^T @ X with fp32 accumulation. The triton and torch backends
-    walk vocabulary blocks (so dW is accumulated in fp32 one block at a time, never a V x D fp32 buffer); the
-    cuda backend walks row chunks over the full vocabulary (its per-row kernel needs whole rows). The backward
-    compacts the valid rows with one host sync (it sizes the loop), which a custom op hides from torch.compile.
+  * cuda / torch backward: fp32 logits tiles recomputed by a GEMM, dlogits by the per-row backward kernel (torch:
+    vocabulary blocks; cuda: row chunks over the whole vocabulary, its per-row kernel needs whole rows).
+  The backward compacts the valid rows with one host sync (it sizes the loop), which the custom op hides from
+  torch.compile.
 """
 
 from __future__ import annotations
