@@ -8,7 +8,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
 
-.PHONY: venv build test test-gpu demo demo-kernels bench lint fmt clean
+.PHONY: venv build test test-gpu gpu-check demo demo-kernels bench lint fmt clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,12 @@ test: build
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu tests benchmarks --benchmark-disable
+
+# The first minutes on an H100/H200 with nothing prepared (< 8 min): build, GPU tests, compute-sanitizer memcheck +
+# racecheck, benchmarks against the peers at the headline shapes -> benchmarks/results/<gpu>-<date>*.json.
+# `python3 -m benchmarks.gpu_check --dry-run` runs the same logic on a CPU at tiny sizes.
+gpu-check:
+	python3 -m benchmarks.gpu_check --python $(PY)
 
 # The main job: the embedded trainer demo (tiny Qwen2-VL built in code: SFT -> GRPO / LaCoT -> BiN table).
 demo: build
