@@ -255,3 +255,18 @@ def test_fp32_ignores_allow_tf32_in_forward_and_backward():
     (rg,) = torch.autograd.grad(rlp.sum(), rh)
     torch.testing.assert_close(lp.double(), rlp, atol=1e-5, rtol=0)  # TF32 would be ~1e-3 off
     torch.testing.assert_close(gh.double(), rg, atol=2e-5 * float(rg.abs().max()), rtol=0)
+
+
+def test_fixed_gpu_configs_per_shape_bucket(monkeypatch):
+    # The GPU configs are fixed per (dtype, N) bucket; tests/test_sm90_compile.py compiles exactly these for sm_90
+    # (no spills, wgmma in 16 bits). A change here must pass that check again.
+    monkeypatch.setattr(fl, "INTERPRET", False)
+    monkeypatch.setattr(fl, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    big = fl._fwd_config(8192, 152064, 4096, dev, torch.bfloat16)
+    assert big[:3] == (128, 128, 64) and big[4:] == (8, 3)
+    assert big[3] == lm.wave_splits(64, 1188, 132)
+    assert fl._fwd_config(1024, 152064, 4096, dev, torch.float16)[:3] == (64, 128, 64)
+    assert fl._fwd_config(8192, 152064, 4096, dev, torch.float32)[:3] == (64, 64, 32)
+    assert fl._dlogits_config(8192, 131072, 4096, torch.bfloat16) == (128, 128, 64, 8, 3)
+    assert fl._dlogits_config(8192, 131072, 4096, torch.float32) == (64, 64, 32, 4, 2)
