@@ -381,3 +381,78 @@ def subtb_loss_official(
         num = num + decay ** (length - 1) * term.sum()
         den = den + decay ** (length - 1) * keep.sum().to(dtype)
     return num / den
+
+
+# ---- RL features (issue 14): sampler truncation, rollout correction, sequence-level ratios --------------------
+def kept_mask(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    order: str = "vllm",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The sampler's kept set (..., V) bool, applied filter by filter as the samplers do, in `dtype`.
+
+    z = logits / T. min_p: keep p_v >= min_p max p. top_k: keep z_v >= the k-th largest z (ties kept). top_p: sort
+    the survivors ascending, remove those whose cumulative renormalized probability is <= 1 - top_p (the largest
+    is always kept), and then keep every token tied with the smallest kept one (threshold semantics).
+    order "vllm": min_p, top_k, top_p; "hf": top_k, top_p, min_p.
+    """
+    z = logits.to(dtype) / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+
+    def apply_min_p(keep):
+        p = torch.softmax(z, -1)
+        return keep & (p >= min_p * p.amax(-1, keepdim=True))
+
+    def apply_top_k(keep):
+        k = min(top_k, z.shape[-1])
+        kth = torch.topk(z, k, dim=-1).values[..., -1:]
+        return keep & (z >= kth)
+
+    def apply_top_p(keep):
+        zz = torch.where(keep, z, float("-inf"))
+        zs, idx = torch.sort(zz, dim=-1)
+        cum = torch.softmax(zs, -1).cumsum(-1)
+        removed = cum <= 1.0 - top_p
+        removed[..., -1] = False
+        kept_sorted = ~removed
+        smallest_kept = torch.where(kept_sorted, zs, float("inf")).amin(-1, keepdim=True)
+        return keep & (zz >= smallest_kept)
+
+    steps = ["min_p", "top_k", "top_p"] if order == "vllm" else ["top_k", "top_p", "min_p"]
+    for step in steps:
+        if step == "min_p" and min_p is not None:
+            keep = apply_min_p(keep)
+        elif step == "top_k" and top_k is not None:
+            keep = apply_top_k(keep)
+        elif step == "top_p" and top_p is not None:
+            keep = apply_top_p(keep)
+    return keep
+
+
+def token_logprobs_truncated(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of the target, entropy) of softmax(logits / T) renormalized over `keep` (..., V) bool.
+
+    A target outside the kept set gives -inf; ignored targets give 0. Differentiable (through kept logits only).
+    """
+    z = torch.where(keep, logits.to(dtype) / temperature, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    entropy = -(p * torch.where(keep, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
