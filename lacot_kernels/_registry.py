@@ -98,22 +98,24 @@ SCHEMAS: dict[str, str] = {
     # ---- RL features (issue 14) -------------------------------------------------------------------------------
     # token_logprobs under the sampler's truncation: the softmax is over {v : logits[n, v] >= tau[n]} (tau (N,)
     # fp32 from ops/sampler_truncation.kept_threshold). A target below tau: logp = -inf (its gradient is 0).
-    "token_logprobs_truncated": "token_logprobs_truncated(Tensor logits, Tensor targets, Tensor tau, "
-    "float temperature, int ignore_index, bool compute_entropy, str backend) "
+    # tau None: no truncation (the op is then token_logprobs' batch-invariant variant: deterministic=True makes the
+    # torch backend reduce in a fixed order, ops/batch_invariance.py; the other backends already do).
+    "token_logprobs_truncated": "token_logprobs_truncated(Tensor logits, Tensor targets, Tensor? tau, "
+    "float temperature, int ignore_index, bool compute_entropy, bool deterministic, str backend) "
     "-> (Tensor logp, Tensor entropy, Tensor stats)",
     "token_logprobs_truncated_backward": "token_logprobs_truncated_backward(Tensor grad_logp, Tensor? grad_entropy, "
-    "Tensor logits, Tensor targets, Tensor tau, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
+    "Tensor logits, Tensor targets, Tensor? tau, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
     "str backend) -> Tensor",
     # grpo_loss with a per-token importance weight on the policy-gradient term (rollout correction, (B, T) fp32 or
     # None) and token- or sequence-level ratios (ratio_level "token" | "sequence" = GSPO).
     # stats (4,) as grpo_loss; seq_logratio (B,) fp32 = masked mean of logp - old_logp (0 for token level).
     "grpo_loss_rl": "grpo_loss_rl(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
     "Tensor? is_weight, Tensor? dapo_normalizer, float beta, float eps_low, float eps_high, str loss_type, "
-    "int max_completion_length, str ratio_level, str backend) "
+    "int max_completion_length, str ratio_level, bool deterministic, str backend) "
     "-> (Tensor loss, Tensor stats, Tensor row_scale, Tensor seq_logratio)",
     "grpo_loss_rl_backward": "grpo_loss_rl_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, "
     "Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? is_weight, Tensor row_scale, Tensor seq_logratio, "
-    "float beta, float eps_low, float eps_high, str ratio_level, str backend) -> Tensor",
+    "float beta, float eps_low, float eps_high, str ratio_level, bool deterministic, str backend) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

@@ -832,6 +832,7 @@ def grpo_loss(
     is_band: tuple[float, float] = (0.5, 5.0),
     is_level: str = "token",
     ratio_level: str = "token",
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO policy loss: ``sum c_b M l``, ``l = -min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta kl``.
 
@@ -867,6 +868,8 @@ def grpo_loss(
             papers in ``ops/is_correction.py``). ``"none"`` only reports ``is/ratio_mean``.
         ratio_level: ``"token"`` (r per token) or ``"sequence"`` (GSPO: s = exp(masked mean of logp - old_logp)
             per sequence, clipped with eps_low / eps_high, exact gradient; see ``ops/grpo_rl.py``).
+        deterministic: batch-invariant mode (None: ``LACOT_BATCH_INVARIANT``): each row's sums and each token's
+            gradient (for given row weights c_b) bitwise independent of the other rows and of the padding width.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-d float32 tensor, differentiable with respect to ``logp`` (gradient in
@@ -900,13 +903,14 @@ def grpo_loss(
     )
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
-    if rollout_logp is not None or is_correction != "none" or ratio_level != "token":
-        from . import grpo_rl
+    from . import batch_invariance, grpo_rl
 
+    det = batch_invariance.enabled(deterministic)
+    if rollout_logp is not None or is_correction != "none" or ratio_level != "token" or det:
         return grpo_rl.grpo_loss_rl(
             logp, old_logp, advantages, m, ref_logp, norm, beta, eps_low, eps_high, loss_type, L, backend,
             rollout_logp=rollout_logp, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
-            is_level=is_level, ratio_level=ratio_level,
+            is_level=is_level, ratio_level=ratio_level, deterministic=det,
         )  # fmt: skip
     loss, stats, _ = torch.ops.lacot.grpo_loss(
         logp.contiguous(),

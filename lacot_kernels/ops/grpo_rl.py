@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, _registry
+from . import batch_invariance as _bi
 from . import grpo as _g
 from . import is_correction as _isc
 from ._triton_utils import INTERPRET, jit, tl
@@ -196,7 +197,12 @@ def _grpo_rl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers and the pure-torch backend
 # ----------------------------------------------------------------------------------------------------------------
-def _parts_triton(logp, old, adv, mask, ref, isw, beta, lo, hi, seq):
+def _block(T: int, det: bool) -> int:
+    # Deterministic mode: a block fixed by no shape, so a row's sums do not depend on the padding width T.
+    return _bi.FIXED_BLOCK_T if det else _g._block_t(T)
+
+
+def _parts_triton(logp, old, adv, mask, ref, isw, beta, lo, hi, seq, det):
     B, T = logp.shape
     part = torch.empty(B, 5, device=logp.device, dtype=torch.float32)
     slr = torch.empty(B, device=logp.device, dtype=torch.float32)
@@ -217,13 +223,13 @@ def _parts_triton(logp, old, adv, mask, ref, isw, beta, lo, hi, seq):
             HAS_REF=ref is not None,
             HAS_ISW=isw is not None,
             SEQ=seq,
-            BLOCK_T=_g._block_t(T),
+            BLOCK_T=_block(T, det),
             num_warps=1 if INTERPRET else 4,
         )
     return part, slr
 
 
-def _bwd_triton(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, seq):
+def _bwd_triton(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, seq, det):
     B, T = logp.shape
     out = torch.empty_like(logp)
     if B > 0 and T > 0:
@@ -244,7 +250,7 @@ def _bwd_triton(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, 
             HAS_REF=ref is not None,
             HAS_ISW=isw is not None,
             SEQ=seq,
-            BLOCK_T=_g._block_t(T),
+            BLOCK_T=_block(T, det),
             num_warps=1 if INTERPRET else 4,
         )
     return out
@@ -268,18 +274,24 @@ def _prep_torch(logp, old, mask, ref, isw):
     return on, lp, o, r, w
 
 
-def _seq_torch(on, lp, o, mask, w):
-    n = mask.sum(1)
-    slr = torch.where(on, mask * (lp - o), 0.0).sum(1) / n.clamp(min=1.0)
-    sw = torch.where(on, mask * w, 0.0).sum(1) if w is not None else n
+def _row_sum(det):
+    return _bi.tree_sum if det else (lambda t: t.sum(1))
+
+
+def _seq_torch(on, lp, o, mask, w, det):
+    rsum = _row_sum(det)
+    n = rsum(mask)
+    slr = rsum(torch.where(on, mask * (lp - o), 0.0)) / n.clamp(min=1.0)
+    sw = rsum(torch.where(on, mask * w, 0.0)) if w is not None else n
     return slr, n, sw
 
 
-def _parts_torch(logp, old, adv, mask, ref, isw, beta, lo, hi, seq):
+def _parts_torch(logp, old, adv, mask, ref, isw, beta, lo, hi, seq, det):
     on, lp, o, r, w = _prep_torch(logp, old, mask, ref, isw)
     a = adv.float()[:, None]
+    rsum = _row_sum(det)
     if seq:
-        slr, _, _ = _seq_torch(on, lp, o, mask, w)
+        slr, _, _ = _seq_torch(on, lp, o, mask, w, det)
         pg, _, low, high = _pg_torch(slr.exp()[:, None].expand_as(lp), a, lo, hi)
     else:
         slr = torch.zeros(lp.shape[0], device=lp.device)
@@ -293,17 +305,17 @@ def _parts_torch(logp, old, adv, mask, ref, isw, beta, lo, hi, seq):
         kl = torch.zeros_like(lp)
 
     def wsum(x):
-        return torch.where(on, mask * x, 0.0).sum(1)
+        return rsum(torch.where(on, mask * x, 0.0))
 
-    part = torch.stack([wsum(loss), mask.sum(1), wsum(kl), wsum(low.float()), wsum(high.float())], -1)
+    part = torch.stack([wsum(loss), rsum(mask), wsum(kl), wsum(low.float()), wsum(high.float())], -1)
     return part, slr
 
 
-def _bwd_torch(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, seq):
+def _bwd_torch(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, seq, det):
     on, lp, o, r, w = _prep_torch(logp, old, mask, ref, isw)
     a = adv.float()[:, None]
     if seq:
-        slr, n, sw = _seq_torch(on, lp, o, mask, w)
+        slr, n, sw = _seq_torch(on, lp, o, mask, w, det)
         _, dpg, _, _ = _pg_torch(slr.exp()[:, None], a, lo, hi)
         dloss = (sw[:, None] * dpg / n.clamp(min=1.0)[:, None]).expand_as(lp)
     else:
@@ -325,18 +337,18 @@ BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.register_kernel("lacot::grpo_loss_rl", ("cpu", "cuda"))
 def _grpo_loss_rl_impl(
-    logp, old, adv, mask, ref, isw, norm, beta, eps_low, eps_high, loss_type, max_len, ratio_level, backend
+    logp, old, adv, mask, ref, isw, norm, beta, eps_low, eps_high, loss_type, max_len, ratio_level, det, backend
 ):
     lo, hi = _g._bounds(eps_low, eps_high)
     name = _g._resolve(backend, logp.device)
-    part, slr = PARTS[name](logp, old, adv, mask, ref, isw, beta, lo, hi, ratio_level == "sequence")
+    part, slr = PARTS[name](logp, old, adv, mask, ref, isw, beta, lo, hi, ratio_level == "sequence", det)
     loss, stats, scale = _g._finish(part, loss_type, max_len, norm)
     return loss, stats, scale, slr
 
 
 @torch.library.register_fake("lacot::grpo_loss_rl")
 def _grpo_loss_rl_fake(
-    logp, old, adv, mask, ref, isw, norm, beta, eps_low, eps_high, loss_type, max_len, ratio_level, backend
+    logp, old, adv, mask, ref, isw, norm, beta, eps_low, eps_high, loss_type, max_len, ratio_level, det, backend
 ):
     f32 = dict(device=logp.device, dtype=torch.float32)
     B = logp.shape[0]
@@ -345,32 +357,32 @@ def _grpo_loss_rl_fake(
 
 @torch.library.register_kernel("lacot::grpo_loss_rl_backward", ("cpu", "cuda"))
 def _grpo_loss_rl_backward_impl(
-    grad_loss, logp, old, adv, mask, ref, isw, row_scale, slr, beta, eps_low, eps_high, ratio_level, backend
+    grad_loss, logp, old, adv, mask, ref, isw, row_scale, slr, beta, eps_low, eps_high, ratio_level, det, backend
 ):
     lo, hi = _g._bounds(eps_low, eps_high)
     name = _g._resolve(backend, logp.device)
     seq = ratio_level == "sequence"
-    return BWD[name](grad_loss, logp, old, adv, mask, ref, isw, row_scale, beta, lo, hi, seq)
+    return BWD[name](grad_loss, logp, old, adv, mask, ref, isw, row_scale, beta, lo, hi, seq, det)
 
 
 @torch.library.register_fake("lacot::grpo_loss_rl_backward")
 def _grpo_loss_rl_backward_fake(
-    grad_loss, logp, old, adv, mask, ref, isw, row_scale, slr, beta, eps_low, eps_high, ratio_level, backend
+    grad_loss, logp, old, adv, mask, ref, isw, row_scale, slr, beta, eps_low, eps_high, ratio_level, det, backend
 ):
     return torch.empty_like(logp)
 
 
 def _setup_context(ctx, inputs, output):
-    logp, old, adv, mask, ref, isw, _norm, beta, eps_low, eps_high, _lt, _L, ratio_level, backend = inputs
+    logp, old, adv, mask, ref, isw, _norm, beta, eps_low, eps_high, _lt, _L, ratio_level, det, backend = inputs
     _, stats, row_scale, slr = output
     ctx.mark_non_differentiable(stats, row_scale, slr)
     ctx.save_for_backward(logp, old, adv, mask, ref, isw, row_scale, slr)
-    ctx.args = (beta, eps_low, eps_high, ratio_level, backend)
+    ctx.args = (beta, eps_low, eps_high, ratio_level, det, backend)
 
 
 def _backward(ctx, grad_loss, _g_stats, _g_scale, _g_slr):
     logp, old, adv, mask, ref, isw, row_scale, slr = ctx.saved_tensors
-    beta, eps_low, eps_high, ratio_level, backend = ctx.args
+    beta, eps_low, eps_high, ratio_level, det, backend = ctx.args
     grad = None
     if ctx.needs_input_grad[0]:
         grad = torch.ops.lacot.grpo_loss_rl_backward(
@@ -387,9 +399,10 @@ def _backward(ctx, grad_loss, _g_stats, _g_scale, _g_slr):
             eps_low,
             eps_high,
             ratio_level,
+            det,
             backend,
         )
-    return (grad,) + (None,) * 13
+    return (grad,) + (None,) * 14
 
 
 torch.library.register_autograd("lacot::grpo_loss_rl", _backward, setup_context=_setup_context)
@@ -420,6 +433,7 @@ def grpo_loss_rl(
     is_band: tuple[float, float],
     is_level: str,
     ratio_level: str,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo.grpo_loss`` with the rollout correction / sequence ratios; ``mask`` already fp32 and checked."""
     if ratio_level not in RATIO_LEVELS:
@@ -449,6 +463,7 @@ def grpo_loss_rl(
         loss_type,
         L,
         ratio_level,
+        deterministic,
         backend,
     )
     out = _g._stats_dict(stats, ref_logp is not None)

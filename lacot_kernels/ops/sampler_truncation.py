@@ -49,6 +49,8 @@ import math
 
 import torch
 
+from . import batch_invariance as _bi
+
 ORDERS = ("vllm", "hf")
 
 # Rows per step: bounds the fp32 sort / cumsum temporaries to about this many elements.
@@ -78,12 +80,15 @@ def is_truncating(top_k: int | None, top_p: float | None, min_p: float | None) -
     return top_k is not None or top_p is not None or min_p is not None
 
 
-def _top_p_threshold(x: torch.Tensor, pre: torch.Tensor, top_p: float, inv_t: float) -> torch.Tensor:
+def _top_p_threshold(x: torch.Tensor, pre: torch.Tensor, top_p: float, inv_t: float, det: bool) -> torch.Tensor:
     """Smallest logit kept by top-p over the tokens with x >= pre (fp32 rows x (n, V))."""
     xs, _ = torch.sort(torch.where(x >= pre[:, None], x, float("-inf")), dim=-1)  # ascending
     m = xs[:, -1:]
     e = torch.where(xs == float("-inf"), 0.0, ((xs - m) * inv_t).exp())
-    cum = (e / e.sum(-1, keepdim=True)).cumsum(-1)
+    if det:  # fixed-order sums: the kept set of a row does not depend on the other rows
+        cum = _bi.tree_cumsum(e / _bi.tree_sum(e)[:, None])
+    else:
+        cum = (e / e.sum(-1, keepdim=True)).cumsum(-1)
     removed = cum <= (1.0 - top_p)
     removed[:, -1] = False
     # `removed` is a prefix (cum is nondecreasing): the first kept position is the number removed.
@@ -99,6 +104,7 @@ def kept_threshold(
     top_p: float | None = None,
     min_p: float | None = None,
     order: str = "vllm",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Per-row threshold ``tau``: the sampler keeps exactly ``{v : logits[n, v] >= tau[n]}``.
 
@@ -106,6 +112,7 @@ def kept_threshold(
         logits: ``(N, V)`` float32 / bfloat16 / float16 raw logits (before the temperature).
         temperature: finite, > 0 (top-p and min-p act on ``softmax(logits / T)``).
         top_k, top_p, min_p, order: the sampler's settings (see the module docstring); None disables a filter.
+        deterministic: reduce in a fixed order (``batch_invariance``): a row's tau independent of the batch.
 
     Returns:
         ``tau`` ``(N,)`` float32, one of the row's logit values (``-inf`` when nothing is truncated). No gradient.
@@ -130,7 +137,7 @@ def kept_threshold(
             t = torch.maximum(t_min, t_k)
             if top_p is not None and top_p < 1.0:
                 pre = t if order == "vllm" else t_k
-                t = torch.maximum(t, _top_p_threshold(x, pre, float(top_p), inv_t))
+                t = torch.maximum(t, _top_p_threshold(x, pre, float(top_p), inv_t, deterministic))
             tau[r0 : r0 + step] = t
     return tau
 

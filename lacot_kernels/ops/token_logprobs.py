@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, _registry
+from . import batch_invariance as _bi
 from . import sampler_truncation as _trunc
 from ._triton_utils import INTERPRET, jit, next_pow2, tl, triton
 
@@ -228,7 +229,11 @@ def _token_logprobs_bwd_triton(
 # ----------------------------------------------------------------------------------------------------------------
 # Pure-torch backend (same math, row-chunked so its fp32 temporaries stay bounded)
 # ----------------------------------------------------------------------------------------------------------------
-def _token_logprobs_fwd_torch(logits, targets, temperature, ignore_index, compute_entropy, tau=None):
+def _token_logprobs_fwd_torch(
+    logits, targets, temperature, ignore_index, compute_entropy, tau=None, deterministic=False
+):
+    # deterministic: row sums in a fixed order (batch_invariance.tree_sum) instead of torch's shape-tuned sum.
+    row_sum = _bi.tree_sum if deterministic else (lambda t: t.sum(-1))
     N, V = logits.shape
     inv_t = 1.0 / temperature
     dev = logits.device
@@ -247,12 +252,12 @@ def _token_logprobs_fwd_torch(logits, targets, temperature, ignore_index, comput
         m = x.amax(-1)
         d = (x - m[:, None]) * inv_t
         e = d.exp()
-        s = e.sum(-1)
+        s = row_sum(e)
         logs = s.log()
         d_y = d.gather(-1, torch.where(valid & in_range, y, 0)[:, None]).squeeze(-1)
         logp[r0 : r0 + step] = torch.where(valid, torch.where(in_range, d_y - logs, nan), 0.0)
         if compute_entropy:
-            ent = logs - torch.where(e > 0, e * d, 0.0).sum(-1) / s
+            ent = logs - row_sum(torch.where(e > 0, e * d, 0.0)) / s
             entropy[r0 : r0 + step] = torch.where(valid, torch.where(in_range, ent, nan), 0.0)
         stats[r0 : r0 + step] = torch.where(valid[:, None], torch.stack([m, logs], -1), 0.0)
     return logp, entropy, stats
@@ -384,27 +389,33 @@ torch.library.register_autograd("lacot::token_logprobs", _backward, setup_contex
 # ----------------------------------------------------------------------------------------------------------------
 # Registered op: lacot::token_logprobs_truncated (the softmax over the sampler's kept set {x >= tau})
 # ----------------------------------------------------------------------------------------------------------------
-def _drop_below(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def _drop_below(logits: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
     # The compiled kernels take no threshold: they get a copy with the dropped logits set to -inf (which they
     # already treat as contributing exactly nothing). The Triton and torch backends select in the kernel.
-    return torch.where(logits >= tau[:, None], logits, float("-inf"))
+    return logits if tau is None else torch.where(logits >= tau[:, None], logits, float("-inf"))
 
 
-def _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy):
+def _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic):
     if name == "cuda":
         return FWD["cuda"](_drop_below(logits, tau), targets, temperature, ignore_index, compute_entropy)
+    if name == "torch":
+        return FWD["torch"](logits, targets, temperature, ignore_index, compute_entropy, tau, deterministic)
     return FWD[name](logits, targets, temperature, ignore_index, compute_entropy, tau=tau)
 
 
 @torch.library.register_kernel("lacot::token_logprobs_truncated", ("cpu", "cuda"))
-def _token_logprobs_truncated_impl(logits, targets, tau, temperature, ignore_index, compute_entropy, backend):
+def _token_logprobs_truncated_impl(
+    logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic, backend
+):
     _checks.check_targets_in_range(targets, logits.shape[1], ignore_index)
     name = _registry.resolve_backend(backend, logits.device)
-    return _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy)
+    return _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic)
 
 
 @torch.library.register_fake("lacot::token_logprobs_truncated")
-def _token_logprobs_truncated_fake(logits, targets, tau, temperature, ignore_index, compute_entropy, backend):
+def _token_logprobs_truncated_fake(
+    logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic, backend
+):
     return _token_logprobs_fake(logits, targets, temperature, ignore_index, compute_entropy, backend)
 
 
@@ -428,7 +439,7 @@ def _token_logprobs_truncated_backward_fake(
 
 
 def _setup_context_truncated(ctx, inputs, output):
-    logits, targets, tau, temperature, ignore_index, compute_entropy, backend = inputs
+    logits, targets, tau, temperature, ignore_index, compute_entropy, _deterministic, backend = inputs
     logp, entropy, stats = output
     ctx.save_for_backward(logits, targets, tau, stats, entropy, logp)
     ctx.args = (temperature, ignore_index, compute_entropy, backend)
@@ -454,7 +465,7 @@ def _backward_truncated(ctx, grad_logp, grad_entropy, _grad_stats):
             ignore_index,
             backend,
         )
-    return grad_logits, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -477,6 +488,7 @@ def token_logprobs(
     top_p: float | None = None,
     min_p: float | None = None,
     sampler_order: str = "vllm",
+    deterministic: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each chosen token, ``log_softmax(logits / temperature)[targets]``, in fp32.
 
@@ -496,6 +508,9 @@ def token_logprobs(
         return_entropy: also return the entropy of the same distribution.
         backend: ``"auto" | "cuda" | "triton" | "torch"`` (``auto`` honours ``LACOT_BACKEND``).
         top_k: int >= 1 or None; top_p, min_p: float in (0, 1] or None; sampler_order: ``"vllm" | "hf"``.
+        deterministic: batch-invariant mode (None: ``LACOT_BATCH_INVARIANT``): each row's outputs and gradient
+            are bitwise independent of the other rows and of the row count (``ops/batch_invariance.py`` says
+            which backends already are by default).
 
     Returns:
         ``logp`` ``(...)`` float32, or ``(logp, entropy)`` both ``(...)`` float32. Both are differentiable with
@@ -529,12 +544,16 @@ def token_logprobs(
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
-    if _trunc.is_truncating(top_k, top_p, min_p):
-        tau = _trunc.kept_threshold(
-            x.detach(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order
-        )
+    det = _bi.enabled(deterministic)
+    if _trunc.is_truncating(top_k, top_p, min_p) or det:
+        tau = None
+        if _trunc.is_truncating(top_k, top_p, min_p):
+            tau = _trunc.kept_threshold(
+                x.detach(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order,
+                deterministic=det,
+            )  # fmt: skip
         logp, entropy, _ = torch.ops.lacot.token_logprobs_truncated(
-            x, t, tau, temperature, ignore_index, bool(return_entropy), backend
+            x, t, tau, temperature, ignore_index, bool(return_entropy), det, backend
         )
     else:
         logp, entropy, _ = torch.ops.lacot.token_logprobs(
