@@ -89,12 +89,14 @@ SCHEMAS: dict[str, str] = {
     # ---- kernels implemented in csrc/ (CPU twin + CUDA) -------------------------------------------------------
     # logits (N, V) with unit stride along V, targets (N,) int64. Ignored rows: logp = entropy = 0, stats = 0,
     # the row is not read. Targets outside [0, V) (other than ignore_index): logp = entropy = NaN.
+    # tau (N,) fp32, optional: the sampler threshold of token_logprobs(top_k=...); logits below it are dropped.
     "token_logprobs_fwd_native": "token_logprobs_fwd_native(Tensor logits, Tensor targets, float temperature, "
-    "int ignore_index, bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)",
+    "int ignore_index, bool compute_entropy, Tensor? tau=None) -> (Tensor logp, Tensor entropy, Tensor stats)",
     # grad_logits (N, V), contiguous, logits dtype:
     #   (g_logp * (1[v == y] - p_v) - g_ent * p_v * (log p_v + H)) / T, exactly 0 on ignored rows.
     "token_logprobs_bwd_native": "token_logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, "
-    "Tensor logits, Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index) -> Tensor",
+    "Tensor logits, Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
+    "Tensor? tau=None) -> Tensor",
     # ---- RL features (issue 14) -------------------------------------------------------------------------------
     # token_logprobs under the sampler's truncation: the softmax is over {v : logits[n, v] >= tau[n]} (tau (N,)
     # fp32 from ops/sampler_truncation.kept_threshold). A target below tau: logp = -inf (its gradient is 0).

@@ -159,3 +159,13 @@ def test_bad_arguments():
         lk.token_logprobs(x, y, min_p=0.0)
     with pytest.raises(ValueError, match="order"):
         lk.token_logprobs(x, y, top_p=0.5, sampler_order="sglang")
+
+
+@pytest.mark.skipif(not lk.native_available("cpu"), reason="compiled extension not built")
+def test_native_kernels_check_tau():
+    x = torch.zeros(2, 5)
+    y = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="tau"):
+        torch.ops.lacot.token_logprobs_fwd_native(x, y, 1.0, -100, False, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="tau"):
+        torch.ops.lacot.token_logprobs_fwd_native(x, y, 1.0, -100, False, torch.zeros(2, dtype=torch.float64))

@@ -389,15 +389,9 @@ torch.library.register_autograd("lacot::token_logprobs", _backward, setup_contex
 # ----------------------------------------------------------------------------------------------------------------
 # Registered op: lacot::token_logprobs_truncated (the softmax over the sampler's kept set {x >= tau})
 # ----------------------------------------------------------------------------------------------------------------
-def _drop_below(logits: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
-    # The compiled kernels take no threshold: they get a copy with the dropped logits set to -inf (which they
-    # already treat as contributing exactly nothing). The Triton and torch backends select in the kernel.
-    return logits if tau is None else torch.where(logits >= tau[:, None], logits, float("-inf"))
-
-
 def _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic):
-    if name == "cuda":
-        return FWD["cuda"](_drop_below(logits, tau), targets, temperature, ignore_index, compute_entropy)
+    if name == "cuda":  # the compiled kernels take the threshold too (keep_above in csrc/token_logprobs_math.h)
+        return FWD["cuda"](logits, targets, temperature, ignore_index, compute_entropy, tau)
     if name == "torch":
         return FWD["torch"](logits, targets, temperature, ignore_index, compute_entropy, tau, deterministic)
     return FWD[name](logits, targets, temperature, ignore_index, compute_entropy, tau=tau)
@@ -425,9 +419,7 @@ def _token_logprobs_truncated_backward_impl(
 ):
     name = _registry.resolve_backend(backend, logits.device)
     if name == "cuda":
-        return BWD["cuda"](
-            grad_logp, grad_entropy, _drop_below(logits, tau), targets, stats, entropy, temperature, ignore_index
-        )
+        return BWD["cuda"](grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, tau)
     return BWD[name](grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, tau=tau)
 
 
