@@ -14,8 +14,8 @@ vLLM v1's sampler: temperature first, then the filters; ``z = x / T``):
   ``top_k >= V`` keeps everything.
 * ``top_p``: sort the surviving tokens ascending, ``c = cumsum(softmax(z))``; remove the tokens with
   ``c <= 1 - top_p``; the largest token is always kept. ``top_p = 1`` keeps everything.
-* ``min_p``: keep ``p_v >= min_p * max_v p_v``, i.e. ``exp(z_v - max z) >= min_p``; it does not depend on what
-  other filters removed (the ratio to the max is unchanged by renormalization).
+* ``min_p``: keep ``p_v >= min_p * max_v p_v``, evaluated as ``z_v - max z >= log(min_p)`` in fp32; it does not
+  depend on what other filters removed (the ratio to the max is unchanged by renormalization).
 * Order: only ``top_p`` depends on what was removed before it. ``order="vllm"`` (vLLM v1: min_p, then top-k,
   then top-p, so top-p is computed on the distribution renormalized over the min_p and top-k survivors);
   ``order="hf"`` (transformers: top-k, top-p, min_p, so top-p sees only the top-k survivors).
@@ -23,13 +23,13 @@ vLLM v1's sampler: temperature first, then the filters; ``z = x / T``):
   boundary they keep an arbitrary subset of them. Here the kept set is a threshold set: every token tied with
   the smallest kept logit is kept. This differs from a sampler only on exact ties at the top-p boundary (where
   the sampler's own choice is not reproducible either).
-* Arithmetic: the softmax / cumulative sum of top-p and the exp of min-p are done in fp32 from fp32 logits, as
+* Arithmetic: the softmax / cumulative sum of top-p and the log-ratio test of min-p are done in fp32, as
   the samplers do; a token whose cumulative mass lies within fp32 rounding of ``1 - top_p`` may be classified
   differently from an fp64 evaluation (``reference.kept_mask`` is the fp64 definition).
 
 How the fused LM-head engine gets ``tau`` (it never holds a full row of logits):
 * ``min_p`` only needs the row max ``m`` (which the engine's first pass has): the kept test is elementwise,
-  ``exp((x_v - m) / T) >= min_p``, and ``tau`` is the smallest logit passing it (a min-reduction in the same
+  ``(x_v - m) / T >= log(min_p)``, and ``tau`` is the smallest logit passing it (a min-reduction in the same
   sweep).
 * ``top_k`` needs a per-row selection over V: a first pass keeping a running top-k (k <= a few hundred) per row
   over the vocabulary tiles, then ``tau`` = the k-th value.
@@ -130,7 +130,8 @@ def kept_threshold(
             t_k = t_min
             if min_p is not None:
                 m = x.amax(-1, keepdim=True)
-                keep = ((x - m) * inv_t).exp() >= min_p
+                # p_v >= min_p * p_max  <=>  (x_v - m) / T >= log(min_p): no exp over the row needed.
+                keep = (x - m) * inv_t >= math.log(min_p)
                 t_min = torch.where(keep, x, float("inf")).amin(-1)
             if top_k is not None and top_k < V:
                 t_k = torch.topk(x, top_k, dim=-1).values[:, -1]
