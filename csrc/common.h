@@ -68,6 +68,13 @@ inline RowShape check_fwd_args(const at::Tensor& logits, const at::Tensor& targe
   return {N, V};
 }
 
+// The optional per-row sampler threshold of the token_logprobs kernels: (N,) float32 contiguous, same device.
+inline void check_tau(const std::optional<at::Tensor>& tau, const at::Tensor& logits, const char* op) {
+  if (!tau.has_value()) return;
+  check_same_device(*tau, logits, op, "tau");
+  check_vector(*tau, op, "tau", logits.size(0), at::kFloat);
+}
+
 inline RowShape check_bwd_args(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& stats,
                                const at::Tensor& entropy, double temperature, c10::DeviceType dev) {

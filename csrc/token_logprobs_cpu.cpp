@@ -92,7 +92,7 @@ struct F16IO {
 // b % kLanes, as a GPU thread takes every kThreads-th vector), each block as one group (stats_begin_group,
 // then stats_term relative to the lane's max), and the partial states are combined by a stats_merge tree.
 template <class IO, bool kEnt>
-LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, float t) {
+LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, float t, float tau) {
   alignas(64) float buf[IO::kIsFloat ? 1 : kBlock];
   OnlineStats lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = stats_empty();
@@ -110,7 +110,10 @@ LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, flo
     }
     float bm = neg_inf();
 #pragma omp simd reduction(max : bm)
-    for (int i = 0; i < n; ++i) bm = p[i] > bm ? p[i] : bm;
+    for (int i = 0; i < n; ++i) {
+      const float xi = keep_above(p[i], tau);
+      bm = xi > bm ? xi : bm;
+    }
     OnlineStats& st = lanes[lane];
     stats_begin_group<kEnt>(st, bm, t);
     const float m = st.m;
@@ -119,7 +122,7 @@ LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, flo
 #pragma omp simd reduction(+ : s, sd)
       for (int i = 0; i < n; ++i) {
         float e, ed;
-        stats_term(p[i], m, t, e, ed);
+        stats_term(keep_above(p[i], tau), m, t, e, ed);
         s += e;
         sd += ed;
       }
@@ -127,7 +130,7 @@ LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, flo
 #pragma omp simd reduction(+ : s)
       for (int i = 0; i < n; ++i) {
         float e, ed;
-        stats_term(p[i], m, t, e, ed);
+        stats_term(keep_above(p[i], tau), m, t, e, ed);
         s += e;
       }
     }
@@ -140,29 +143,35 @@ LACOT_INLINE OnlineStats fwd_row(const typename IO::storage* row, int64_t V, flo
   return lanes[0];
 }
 
-LACOT_CLONES OnlineStats fwd_row_f32(const float* row, int64_t V, float t, bool ent) {
-  return ent ? fwd_row<F32IO, true>(row, V, t) : fwd_row<F32IO, false>(row, V, t);
+LACOT_CLONES OnlineStats fwd_row_f32(const float* row, int64_t V, float t, float tau, bool ent) {
+  return ent ? fwd_row<F32IO, true>(row, V, t, tau) : fwd_row<F32IO, false>(row, V, t, tau);
 }
-LACOT_CLONES OnlineStats fwd_row_bf16(const uint16_t* row, int64_t V, float t, bool ent) {
-  return ent ? fwd_row<BF16IO, true>(row, V, t) : fwd_row<BF16IO, false>(row, V, t);
+LACOT_CLONES OnlineStats fwd_row_bf16(const uint16_t* row, int64_t V, float t, float tau, bool ent) {
+  return ent ? fwd_row<BF16IO, true>(row, V, t, tau) : fwd_row<BF16IO, false>(row, V, t, tau);
 }
-LACOT_CLONES OnlineStats fwd_row_f16(const uint16_t* row, int64_t V, float t, bool ent) {
-  return ent ? fwd_row<F16IO, true>(row, V, t) : fwd_row<F16IO, false>(row, V, t);
+LACOT_CLONES OnlineStats fwd_row_f16(const uint16_t* row, int64_t V, float t, float tau, bool ent) {
+  return ent ? fwd_row<F16IO, true>(row, V, t, tau) : fwd_row<F16IO, false>(row, V, t, tau);
 }
 
 template <class IO>
 struct FwdRowFn;
 template <>
 struct FwdRowFn<F32IO> {
-  static OnlineStats run(const float* r, int64_t V, float t, bool e) { return fwd_row_f32(r, V, t, e); }
+  static OnlineStats run(const float* r, int64_t V, float t, float tau, bool e) {
+    return fwd_row_f32(r, V, t, tau, e);
+  }
 };
 template <>
 struct FwdRowFn<BF16IO> {
-  static OnlineStats run(const uint16_t* r, int64_t V, float t, bool e) { return fwd_row_bf16(r, V, t, e); }
+  static OnlineStats run(const uint16_t* r, int64_t V, float t, float tau, bool e) {
+    return fwd_row_bf16(r, V, t, tau, e);
+  }
 };
 template <>
 struct FwdRowFn<F16IO> {
-  static OnlineStats run(const uint16_t* r, int64_t V, float t, bool e) { return fwd_row_f16(r, V, t, e); }
+  static OnlineStats run(const uint16_t* r, int64_t V, float t, float tau, bool e) {
+    return fwd_row_f16(r, V, t, tau, e);
+  }
 };
 
 // Rows are independent; small problems stay on the calling thread.
@@ -173,8 +182,8 @@ inline int num_threads(int64_t N) {
 
 template <class IO>
 void fwd_cpu_impl(const typename IO::storage* logits, int64_t ld, const int64_t* targets, int64_t N,
-                  int64_t V, float t, int64_t ignore_index, bool compute_entropy, float* logp, float* entropy,
-                  float* stats) {
+                  int64_t V, float t, int64_t ignore_index, bool compute_entropy, const float* tau_ptr,
+                  float* logp, float* entropy, float* stats) {
   const int nt = num_threads(N);
 #pragma omp parallel for schedule(static) num_threads(nt) if (worth_parallel(N, V))
   for (int64_t i = 0; i < N; ++i) {
@@ -187,8 +196,9 @@ void fwd_cpu_impl(const typename IO::storage* logits, int64_t ld, const int64_t*
       r = row_invalid();
     } else {
       const typename IO::storage* row = logits + i * ld;
-      const OnlineStats st = FwdRowFn<IO>::run(row, V, t, compute_entropy);
-      r = stats_finalize(st, IO::load(row[y]), t);
+      const float tau = tau_ptr ? tau_ptr[i] : neg_inf();
+      const OnlineStats st = FwdRowFn<IO>::run(row, V, t, tau, compute_entropy);
+      r = stats_finalize(st, keep_above(IO::load(row[y]), tau), t);
     }
     logp[i] = r.logp;
     if (compute_entropy) entropy[i] = r.entropy;
@@ -255,7 +265,7 @@ template <class IO>
 void bwd_cpu_impl(const float* grad_logp, int64_t gl_stride, const float* grad_entropy, int64_t ge_stride,
                   const typename IO::storage* logits, int64_t ld, const int64_t* targets, const float* stats,
                   const float* entropy, int64_t N, int64_t V, float t, int64_t ignore_index,
-                  typename IO::storage* grad) {
+                  const float* tau_ptr, typename IO::storage* grad) {
   const int nt = num_threads(N);
   const bool ent = grad_entropy != nullptr;
 #pragma omp parallel for schedule(static) num_threads(nt) if (worth_parallel(N, V))
@@ -278,6 +288,7 @@ void bwd_cpu_impl(const float* grad_logp, int64_t gl_stride, const float* grad_e
     r.g_logp = grad_logp[i * gl_stride];
     r.g_ent = ent ? grad_entropy[i * ge_stride] : 0.0f;
     r.H = ent ? entropy[i] : 0.0f;
+    r.tau = tau_ptr ? tau_ptr[i] : neg_inf();
     const typename IO::storage* row = logits + i * ld;
     BwdRowFn<IO>::run(row, out, V, r, ent);
     const float xy = IO::load(row[y]);
@@ -317,8 +328,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
                                                                       const at::Tensor& targets,
                                                                       double temperature,
                                                                       int64_t ignore_index,
-                                                                      bool compute_entropy) {
+                                                                      bool compute_entropy,
+                                                                      const std::optional<at::Tensor>& tau) {
   const RowShape shape = check_fwd_args(logits, targets, temperature, c10::DeviceType::CPU);
+  check_tau(tau, logits, "lacot::token_logprobs_fwd_native");
   const int64_t N = shape.N, V = shape.V;
   const auto fopts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, fopts);
@@ -330,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
   dispatch_io(logits.scalar_type(), [&](auto io) {
     using IO = decltype(io);
     fwd_cpu_impl<IO>(data_as<IO>(logits), ld, targets.const_data_ptr<int64_t>(), N, V, t, ignore_index,
-                     compute_entropy, logp.mutable_data_ptr<float>(),
+                     compute_entropy, tau ? tau->const_data_ptr<float>() : nullptr, logp.mutable_data_ptr<float>(),
                      compute_entropy ? entropy.mutable_data_ptr<float>() : nullptr,
                      stats.mutable_data_ptr<float>());
   });
@@ -340,9 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
 at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& targets,
                                   const at::Tensor& stats, const at::Tensor& entropy, double temperature,
-                                  int64_t ignore_index) {
+                                  int64_t ignore_index, const std::optional<at::Tensor>& tau) {
   const RowShape shape = check_bwd_args(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature,
                                         c10::DeviceType::CPU);
+  check_tau(tau, logits, "lacot::token_logprobs_bwd_native");
   const int64_t N = shape.N, V = shape.V;
   at::Tensor grad = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
@@ -355,7 +369,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::option
                      ent ? grad_entropy->const_data_ptr<float>() : nullptr, ent ? grad_entropy->stride(0) : 0,
                      data_as<IO>(logits), ld, targets.const_data_ptr<int64_t>(),
                      stats.const_data_ptr<float>(), ent ? entropy.const_data_ptr<float>() : nullptr, N, V, t,
-                     ignore_index, mutable_data_as<IO>(grad));
+                     ignore_index, tau ? tau->const_data_ptr<float>() : nullptr, mutable_data_as<IO>(grad));
   });
   return grad;
 }

@@ -114,8 +114,8 @@ __device__ __forceinline__ OnlineStats block_reduce(OnlineStats st, float t) {
 template <typename T, int kThreads, bool kEnt>
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ targets,
-                              int V, float t, int64_t ignore_index, float* __restrict__ logp,
-                              float* __restrict__ entropy, float* __restrict__ stats) {
+                              int V, float t, int64_t ignore_index, const float* __restrict__ tau_ptr,
+                              float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ stats) {
   constexpr int kVec = kVecOf<T>;
   constexpr int kUnroll = kVec == 4 ? 4 : 2;  // 16 values per thread and iteration
   const int64_t row = blockIdx.x;
@@ -134,14 +134,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const T* x = logits + row * ld;
+  const float tau = tau_ptr ? tau_ptr[row] : neg_inf();
   const int mis = misalignment(x);
   const int head = min(V, mis == 0 ? 0 : kVec - mis);
   const int nvec = (V - head) / kVec;
   const int tail0 = head + nvec * kVec;
 
   OnlineStats st = stats_empty();
-  if (tid < head) stats_update<kEnt>(st, DevIO<T>::load(x[tid]), t);
-  if (tid < V - tail0) stats_update<kEnt>(st, DevIO<T>::load(x[tail0 + tid]), t);
+  if (tid < head) stats_update<kEnt>(st, keep_above(DevIO<T>::load(x[tid]), tau), t);
+  if (tid < V - tail0) stats_update<kEnt>(st, keep_above(DevIO<T>::load(x[tail0 + tid]), tau), t);
 
   const uint4* xv = reinterpret_cast<const uint4*>(x + head);
   int k = tid;
@@ -155,19 +156,21 @@ __global__ void __launch_bounds__(kThreads)
       float g[kVec];
       unpack<T>(raw[u], g);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) f[u * kVec + j] = g[j];
+      for (int j = 0; j < kVec; ++j) f[u * kVec + j] = keep_above(g[j], tau);
     }
     stats_update_n<kEnt>(st, f, t);
   }
   for (; k < nvec; k += kThreads) {
     float f[kVec];
     unpack<T>(__ldg(xv + k), f);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) f[j] = keep_above(f[j], tau);
     stats_update_n<kEnt>(st, f, t);
   }
 
   st = block_reduce<kThreads, kEnt>(st, t);
   if (tid == 0) {
-    const RowResult r = stats_finalize(st, DevIO<T>::load(x[y]), t);
+    const RowResult r = stats_finalize(st, keep_above(DevIO<T>::load(x[y]), tau), t);
     logp[row] = r.logp;
     if (kEnt) entropy[row] = r.entropy;
     stats[2 * row] = r.m;
@@ -186,7 +189,8 @@ __global__ void __launch_bounds__(kBwdThreads)
                               const float* __restrict__ grad_entropy, int64_t ge_stride,
                               const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ targets,
                               const float* __restrict__ stats, const float* __restrict__ entropy, int V,
-                              float t, int64_t ignore_index, T* __restrict__ grad) {
+                              float t, int64_t ignore_index, const float* __restrict__ tau_ptr,
+                              T* __restrict__ grad) {
   constexpr int kVec = kVecOf<T>;
   constexpr int kWordsPerChunk = kBwdThreads * kBwdItems;
   const int64_t row = blockIdx.x;
@@ -224,6 +228,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   r.g_logp = grad_logp[row * gl_stride];
   r.g_ent = kEnt ? grad_entropy[row * ge_stride] : 0.0f;
   r.H = kEnt ? entropy[row] : 0.0f;
+  r.tau = tau_ptr ? tau_ptr[row] : neg_inf();
   const int yi = static_cast<int>(y);
   auto elem = [&](float xv, int col) -> float {
     return col == yi ? grad_target<kEnt>(xv, r) : grad_elem<kEnt>(xv, r);
@@ -293,18 +298,18 @@ void dispatch_cuda_dtype(at::ScalarType st, F&& f) {
 
 template <typename T, int kThreads>
 void launch_fwd(const at::Tensor& logits, const at::Tensor& targets, float t, int64_t ignore_index, bool ent,
-                at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats, cudaStream_t stream) {
+                const float* tau, at::Tensor& logp, at::Tensor& entropy, at::Tensor& stats, cudaStream_t stream) {
   const int64_t N = logits.size(0);
   const int V = static_cast<int>(logits.size(1));
   const T* x = reinterpret_cast<const T*>(logits.const_data_ptr());
   const dim3 grid(static_cast<unsigned>(N));
   if (ent) {
     token_logprobs_fwd_kernel<T, kThreads, true><<<grid, kThreads, 0, stream>>>(
-        x, logits.stride(0), targets.const_data_ptr<int64_t>(), V, t, ignore_index,
+        x, logits.stride(0), targets.const_data_ptr<int64_t>(), V, t, ignore_index, tau,
         logp.mutable_data_ptr<float>(), entropy.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>());
   } else {
     token_logprobs_fwd_kernel<T, kThreads, false><<<grid, kThreads, 0, stream>>>(
-        x, logits.stride(0), targets.const_data_ptr<int64_t>(), V, t, ignore_index,
+        x, logits.stride(0), targets.const_data_ptr<int64_t>(), V, t, ignore_index, tau,
         logp.mutable_data_ptr<float>(), nullptr, stats.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -314,8 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at:
                                                                        const at::Tensor& targets,
                                                                        double temperature,
                                                                        int64_t ignore_index,
-                                                                       bool compute_entropy) {
+                                                                       bool compute_entropy,
+                                                                       const std::optional<at::Tensor>& tau) {
   const RowShape shape = check_fwd_args(logits, targets, temperature, c10::DeviceType::CUDA);
+  check_tau(tau, logits, "lacot::token_logprobs_fwd_native");
+  const float* tau_ptr = tau ? tau->const_data_ptr<float>() : nullptr;
   const int64_t N = shape.N, V = shape.V;
   TORCH_CHECK(N < (int64_t(1) << 31), "lacot::token_logprobs_fwd_native: at most 2^31 - 1 rows, got ", N);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -330,9 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at:
     using T = decltype(tag);
     // Long rows get more threads per row; short ones more rows per SM.
     if (V / kVecOf<T> >= 4096) {
-      launch_fwd<T, 512>(logits, targets, t, ignore_index, compute_entropy, logp, entropy, stats, stream);
+      launch_fwd<T, 512>(logits, targets, t, ignore_index, compute_entropy, tau_ptr, logp, entropy, stats, stream);
     } else {
-      launch_fwd<T, 256>(logits, targets, t, ignore_index, compute_entropy, logp, entropy, stats, stream);
+      launch_fwd<T, 256>(logits, targets, t, ignore_index, compute_entropy, tau_ptr, logp, entropy, stats, stream);
     }
   });
   return {logp, entropy, stats};
@@ -341,9 +349,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at:
 at::Tensor token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                    const at::Tensor& logits, const at::Tensor& targets,
                                    const at::Tensor& stats, const at::Tensor& entropy, double temperature,
-                                   int64_t ignore_index) {
+                                   int64_t ignore_index, const std::optional<at::Tensor>& tau) {
   const RowShape shape = check_bwd_args(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature,
                                         c10::DeviceType::CUDA);
+  check_tau(tau, logits, "lacot::token_logprobs_bwd_native");
+  const float* tau_ptr = tau ? tau->const_data_ptr<float>() : nullptr;
   const int64_t N = shape.N, V = shape.V;
   TORCH_CHECK(N < (int64_t(1) << 31), "lacot::token_logprobs_bwd_native: at most 2^31 - 1 rows, got ", N);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -366,12 +376,12 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const std::optio
       token_logprobs_bwd_kernel<T, true><<<grid, kBwdThreads, 0, stream>>>(
           grad_logp.const_data_ptr<float>(), grad_logp.stride(0), ge, grad_entropy->stride(0), x,
           logits.stride(0), targets.const_data_ptr<int64_t>(), stats.const_data_ptr<float>(), h,
-          static_cast<int>(V), t, ignore_index, g);
+          static_cast<int>(V), t, ignore_index, tau_ptr, g);
     } else {
       token_logprobs_bwd_kernel<T, false><<<grid, kBwdThreads, 0, stream>>>(
           grad_logp.const_data_ptr<float>(), grad_logp.stride(0), nullptr, 0, x, logits.stride(0),
           targets.const_data_ptr<int64_t>(), stats.const_data_ptr<float>(), nullptr, static_cast<int>(V), t,
-          ignore_index, g);
+          ignore_index, tau_ptr, g);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -114,6 +114,11 @@ LACOT_HD float fast_log(float x) {
 #endif
 }
 
+// Sampler truncation (token_logprobs(top_k / top_p / min_p)): a logit below the row's threshold tau is dropped,
+// i.e. read as -inf, which every helper below already treats as contributing exactly nothing. With tau = -inf
+// this is the identity for every x, NaN included (NaN < tau is false), so the plain kernels are unchanged.
+LACOT_HD float keep_above(float x, float tau) { return x < tau ? neg_inf() : x; }
+
 // ---- online softmax statistics ------------------------------------------------------------------
 
 struct OnlineStats {
@@ -236,11 +241,13 @@ struct GradRow {
   float g_logp;  // upstream gradient of log p_y
   float g_ent;   // upstream gradient of H (0 when absent)
   float H;       // forward entropy (0 when absent)
+  float tau;     // sampler threshold: logits below it are dropped (-inf: nothing is)
 };
 
 // Gradient of a non-target element (the target adds g_logp * t: see grad_target).
 template <bool kEnt>
-LACOT_HD float grad_elem(float x, const GradRow& r) {
+LACOT_HD float grad_elem(float x_raw, const GradRow& r) {
+  const float x = keep_above(x_raw, r.tau);
   const float lp = (x - r.m) * r.t - r.logs;
   const float p = fast_exp(lp);
   float g = -r.g_logp * p;
@@ -253,7 +260,8 @@ LACOT_HD float grad_elem(float x, const GradRow& r) {
 }
 
 template <bool kEnt>
-LACOT_HD float grad_target(float x_y, const GradRow& r) {
+LACOT_HD float grad_target(float x_raw, const GradRow& r) {
+  const float x_y = keep_above(x_raw, r.tau);
   const float lp = (x_y - r.m) * r.t - r.logs;
   const float p = fast_exp(lp);
   float g = r.g_logp * (1.0f - p);

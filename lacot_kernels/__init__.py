@@ -38,8 +38,11 @@ from ._registry import BACKENDS, native_available, resolve_backend, triton_avail
 from .ops import bin as _bin  # noqa: E402
 from .ops import fused_linear as _fused_linear  # noqa: E402
 from .ops import grpo as _grpo  # noqa: E402
+from .ops import grpo_rl as _grpo_rl  # noqa: E402, F401  (registers lacot::grpo_loss_rl)
+from .ops import is_correction as _is_correction  # noqa: E402
 from .ops import preference as _preference  # noqa: E402
 from .ops import rewards as _rewards  # noqa: E402
+from .ops import sampler_truncation as _sampler_truncation  # noqa: E402
 from .ops import subtb as _subtb  # noqa: E402
 from .ops import token_logprobs as _token_logprobs  # noqa: E402
 
@@ -54,6 +57,8 @@ group_advantages = _rewards.group_advantages
 interpolate_rewards = _rewards.interpolate_rewards
 reward_anchors = _rewards.reward_anchors
 subtb_loss = _subtb.subtb_loss
+kept_threshold = _sampler_truncation.kept_threshold
+rollout_is_weights = _is_correction.rollout_is_weights
 
 __version__ = "0.1.0"
 
@@ -67,10 +72,12 @@ __all__ = [
     "grpo_loss",
     "hf",
     "interpolate_rewards",
+    "kept_threshold",
     "native_available",
     "reference",
     "resolve_backend",
     "reward_anchors",
+    "rollout_is_weights",
     "sequence_logprobs",
     "subtb_loss",
     "token_logprobs",

@@ -90,12 +90,35 @@ SCHEMAS: dict[str, str] = {
     # ---- kernels implemented in csrc/ (CPU twin + CUDA) -------------------------------------------------------
     # logits (N, V) with unit stride along V, targets (N,) int64. Ignored rows: logp = entropy = 0, stats = 0,
     # the row is not read. Targets outside [0, V) (other than ignore_index): logp = entropy = NaN.
+    # tau (N,) fp32, optional: the sampler threshold of token_logprobs(top_k=...); logits below it are dropped.
     "token_logprobs_fwd_native": "token_logprobs_fwd_native(Tensor logits, Tensor targets, float temperature, "
-    "int ignore_index, bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)",
+    "int ignore_index, bool compute_entropy, Tensor? tau=None) -> (Tensor logp, Tensor entropy, Tensor stats)",
     # grad_logits (N, V), contiguous, logits dtype:
     #   (g_logp * (1[v == y] - p_v) - g_ent * p_v * (log p_v + H)) / T, exactly 0 on ignored rows.
     "token_logprobs_bwd_native": "token_logprobs_bwd_native(Tensor grad_logp, Tensor? grad_entropy, "
-    "Tensor logits, Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index) -> Tensor",
+    "Tensor logits, Tensor targets, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
+    "Tensor? tau=None) -> Tensor",
+    # ---- RL features (issue 14) -------------------------------------------------------------------------------
+    # token_logprobs under the sampler's truncation: the softmax is over {v : logits[n, v] >= tau[n]} (tau (N,)
+    # fp32 from ops/sampler_truncation.kept_threshold). A target below tau: logp = -inf (its gradient is 0).
+    # tau None: no truncation (the op is then token_logprobs' batch-invariant variant: deterministic=True makes the
+    # torch backend reduce in a fixed order, ops/batch_invariance.py; the other backends already do).
+    "token_logprobs_truncated": "token_logprobs_truncated(Tensor logits, Tensor targets, Tensor? tau, "
+    "float temperature, int ignore_index, bool compute_entropy, bool deterministic, str backend) "
+    "-> (Tensor logp, Tensor entropy, Tensor stats)",
+    "token_logprobs_truncated_backward": "token_logprobs_truncated_backward(Tensor grad_logp, Tensor? grad_entropy, "
+    "Tensor logits, Tensor targets, Tensor? tau, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
+    "str backend) -> Tensor",
+    # grpo_loss with a per-token importance weight on the policy-gradient term (rollout correction, (B, T) fp32 or
+    # None) and token- or sequence-level ratios (ratio_level "token" | "sequence" = GSPO).
+    # stats (4,) as grpo_loss; seq_logratio (B,) fp32 = masked mean of logp - old_logp (0 for token level).
+    "grpo_loss_rl": "grpo_loss_rl(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
+    "Tensor? is_weight, Tensor? dapo_normalizer, float beta, float eps_low, float eps_high, str loss_type, "
+    "int max_completion_length, str ratio_level, bool deterministic, str backend) "
+    "-> (Tensor loss, Tensor stats, Tensor row_scale, Tensor seq_logratio)",
+    "grpo_loss_rl_backward": "grpo_loss_rl_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, "
+    "Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? is_weight, Tensor row_scale, Tensor seq_logratio, "
+    "float beta, float eps_low, float eps_high, str ratio_level, bool deterministic, str backend) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

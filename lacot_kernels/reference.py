@@ -381,3 +381,171 @@ def subtb_loss_official(
         num = num + decay ** (length - 1) * term.sum()
         den = den + decay ** (length - 1) * keep.sum().to(dtype)
     return num / den
+
+
+# ---- RL features (issue 14): sampler truncation, rollout correction, sequence-level ratios --------------------
+def kept_mask(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    order: str = "vllm",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The sampler's kept set (..., V) bool, applied filter by filter as the samplers do, in `dtype`.
+
+    z = logits / T. min_p: keep p_v >= min_p max p. top_k: keep z_v >= the k-th largest z (ties kept). top_p: sort
+    the survivors ascending, remove those whose cumulative renormalized probability is <= 1 - top_p (the largest
+    is always kept), and then keep every token tied with the smallest kept one (threshold semantics).
+    order "vllm": min_p, top_k, top_p; "hf": top_k, top_p, min_p.
+    """
+    z = logits.to(dtype) / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+
+    def apply_min_p(keep):
+        p = torch.softmax(z, -1)
+        return keep & (p >= min_p * p.amax(-1, keepdim=True))
+
+    def apply_top_k(keep):
+        k = min(top_k, z.shape[-1])
+        kth = torch.topk(z, k, dim=-1).values[..., -1:]
+        return keep & (z >= kth)
+
+    def apply_top_p(keep):
+        zz = torch.where(keep, z, float("-inf"))
+        zs, idx = torch.sort(zz, dim=-1)
+        cum = torch.softmax(zs, -1).cumsum(-1)
+        removed = cum <= 1.0 - top_p
+        removed[..., -1] = False
+        kept_sorted = ~removed
+        smallest_kept = torch.where(kept_sorted, zs, float("inf")).amin(-1, keepdim=True)
+        return keep & (zz >= smallest_kept)
+
+    steps = ["min_p", "top_k", "top_p"] if order == "vllm" else ["top_k", "top_p", "min_p"]
+    for step in steps:
+        if step == "min_p" and min_p is not None:
+            keep = apply_min_p(keep)
+        elif step == "top_k" and top_k is not None:
+            keep = apply_top_k(keep)
+        elif step == "top_p" and top_p is not None:
+            keep = apply_top_p(keep)
+    return keep
+
+
+def token_logprobs_truncated(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of the target, entropy) of softmax(logits / T) renormalized over `keep` (..., V) bool.
+
+    A target outside the kept set gives -inf; ignored targets give 0. Differentiable (through kept logits only).
+    """
+    z = torch.where(keep, logits.to(dtype) / temperature, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    entropy = -(p * torch.where(keep, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def rollout_is_weights(
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    cap: float = 2.0,
+    band: tuple[float, float] = (0.5, 5.0),
+    level: str = "token",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Weights of the policy-gradient term (B, T) in `dtype`, from the papers' definitions (rho = pi_old / pi_rollout).
+
+    tis (Yao et al. 2025): min(rho, cap). mis (Liu, Li et al. 2025): rho * 1[rho <= cap]. icepop (Ling team 2025):
+    rho * 1[band[0] <= rho <= band[1]]. level "sequence": rho = prod_t rho_t over the sequence's tokens.
+    """
+    m = mask.to(dtype)
+    rho = torch.exp((old_logp.to(dtype) - rollout_logp.to(dtype)) * (m != 0))
+    if level == "sequence":
+        rho = torch.prod(torch.where(m != 0, rho, torch.ones_like(rho)), dim=-1, keepdim=True).expand_as(rho)
+    if mode == "tis":
+        return torch.minimum(rho, torch.full_like(rho, cap))
+    if mode == "mis":
+        return rho * (rho <= cap)
+    if mode == "icepop":
+        return rho * ((rho >= band[0]) & (rho <= band[1]))
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def grpo_loss_rl(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    dapo_normalizer: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO loss with an importance weight on the policy-gradient term and token / sequence (GSPO) ratios.
+
+    Sequence level (GSPO, Zheng et al. 2025, as TRL's importance_sampling_level="sequence"): the ratio of
+    sequence i is s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) = exp(mean_t (logp - old)), clipped to
+    [1 - eps_low, 1 + eps_high], its term -min(s A, clip(s) A) given to each of its tokens. Per token:
+    l = w * pg + beta * kl, aggregated by loss_type as in TRL. Differentiable in `logp` (autograd gives GSPO's
+    gradient).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    lp = logp.to(dtype)
+    m = mask.to(dtype)
+    adv = advantages.to(dtype).unsqueeze(1)
+    log_ratio = lp - old_logp.to(dtype)
+    if ratio_level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(lp)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if is_weight is not None:
+        per_token_loss = per_token_loss * is_weight.to(dtype)
+    stats = {}
+    if ref_logp is not None:
+        ref = ref_logp.to(dtype)
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        per_token_loss = per_token_loss + beta * kl
+        stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
+    B, T = lp.shape
+    if loss_type == "grpo":
+        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * m).sum() / (B * (max_completion_length or T))
+    elif loss_type == "dapo":
+        norm = m.sum().clamp(min=1.0) if dapo_normalizer is None else dapo_normalizer
+        loss = (per_token_loss * m).sum() / norm
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
+    high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
+    denom = m.sum().clamp(min=1.0)
+    stats["clip_ratio/low_mean"] = (low * m).sum() / denom
+    stats["clip_ratio/high_mean"] = (high * m).sum() / denom
+    stats["clip_ratio/region_mean"] = (torch.maximum(low, high) * m).sum() / denom
+    return loss, stats

@@ -799,6 +799,13 @@ def grpo_loss(
     max_completion_length: int | None = None,
     dapo_normalizer: float | torch.Tensor | None = None,
     backend: str = "auto",
+    rollout_logp: torch.Tensor | None = None,
+    is_correction: str = "none",
+    is_cap: float = 2.0,
+    is_band: tuple[float, float] = (0.5, 5.0),
+    is_level: str = "token",
+    ratio_level: str = "token",
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's GRPO policy loss: ``sum c_b M l``, ``l = -min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta kl``.
 
@@ -827,12 +834,24 @@ def grpo_loss(
             No collective is run here. Default: this call's active-token count, TRL's value when nothing is
             accumulated or distributed.
         backend: ``"auto" | "cuda" | "triton" | "torch"`` (no compiled kernel: ``cuda`` means the auto order).
+        rollout_logp: ``(B, T)`` the rollout engine's log-probs of the sampled tokens (no gradient). With
+            ``is_correction`` ``"tis"`` (weight min(rho, is_cap)), ``"mis"`` (rho, 0 above is_cap) or ``"icepop"``
+            (rho, 0 outside is_band), rho = exp(old_logp - rollout_logp), the policy-gradient term of each token
+            is multiplied by that weight (``is_level="sequence"``: rho of the whole sequence; definitions and
+            papers in ``ops/is_correction.py``). ``"none"`` only reports ``is/ratio_mean``.
+        ratio_level: ``"token"`` (r per token) or ``"sequence"`` (GSPO: s = exp(masked mean of logp - old_logp)
+            per sequence, clipped with eps_low / eps_high, exact gradient; see ``ops/grpo_rl.py``).
+        deterministic: batch-invariant mode (None: ``LACOT_BATCH_INVARIANT``): each row's sums and each token's
+            gradient (for given row weights c_b) bitwise independent of the other rows and of the padding width.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-d float32 tensor, differentiable with respect to ``logp`` (gradient in
         ``logp``'s dtype); ``stats`` a dict of 0-d float32 tensors with TRL's names: ``"kl"`` (masked mean
         k3 KL, only when ``ref_logp`` is given), ``"clip_ratio/low_mean"``, ``"clip_ratio/high_mean"``,
-        ``"clip_ratio/region_mean"`` (masked means of the clipped-token flags, over this call's tokens).
+        ``"clip_ratio/region_mean"`` (masked means of the clipped-token flags, over this call's tokens); with
+        ``rollout_logp``: ``"is/ratio_mean"``, and with a correction ``"is/weight_mean"`` and
+        ``"is/truncated_frac"`` (tis) or ``"is/masked_frac"`` (mis, icepop).
+        Without ``rollout_logp`` and with ``ratio_level="token"`` this is the plain op, bitwise.
     """
     _checks.check_tensor("logp", logp)
     _checks.check_dtype("logp", logp, _checks.FLOAT_DTYPES)
@@ -857,6 +876,15 @@ def grpo_loss(
     )
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
+    from . import batch_invariance, grpo_rl
+
+    det = batch_invariance.enabled(deterministic)
+    if rollout_logp is not None or is_correction != "none" or ratio_level != "token" or det:
+        return grpo_rl.grpo_loss_rl(
+            logp, old_logp, advantages, m, ref_logp, norm, beta, eps_low, eps_high, loss_type, L, backend,
+            rollout_logp=rollout_logp, is_correction=is_correction, is_cap=is_cap, is_band=is_band,
+            is_level=is_level, ratio_level=ratio_level, deterministic=det,
+        )  # fmt: skip
     loss, stats, _ = torch.ops.lacot.grpo_loss(
         logp.contiguous(),
         old_logp.contiguous(),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, _registry
+from . import batch_invariance as _bi
+from . import sampler_truncation as _trunc
 from ._triton_utils import INTERPRET, jit, next_pow2, tl, triton
 
 # Rows handled per step by the torch backend: bounds its fp32 temporaries to ~this many elements.
@@ -40,11 +42,16 @@ def _token_logprobs_fwd_kernel(
     V,
     inv_t,
     ignore_index,
+    tau_ptr,
     COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    HAS_TAU: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row)
+    if HAS_TAU:
+        # Sampler truncation: logits below the row's threshold are dropped (act as -inf) everywhere below.
+        tau = tl.load(tau_ptr + row)
     valid = y != ignore_index
     in_range = (y >= 0) & (y < V)
     base = logits_ptr + row * stride_row
@@ -59,6 +66,8 @@ def _token_logprobs_fwd_kernel(
         cols = v0 + cols0
         mask = cols < V
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_TAU:
+            x = tl.where(x >= tau, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         # The first block starts from the empty state (m = -inf, s = sd = 0): no rescaling then.
         delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
@@ -72,6 +81,8 @@ def _token_logprobs_fwd_kernel(
 
     logs = tl.log(s)
     x_y = tl.load(base + y, mask=valid & in_range, other=0.0).to(tl.float32)
+    if HAS_TAU:
+        x_y = tl.where(x_y >= tau, x_y, float("-inf"))
     logp = (x_y - m) * inv_t - logs
     logp = tl.where(valid, tl.where(in_range, logp, float("nan")), 0.0)
     tl.store(logp_ptr + row, logp)
@@ -99,8 +110,10 @@ def _token_logprobs_bwd_kernel(
     V,
     inv_t,
     ignore_index,
+    tau_ptr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    HAS_TAU: tl.constexpr = False,
 ):
     # Grid (rows, column blocks). `logits` may be a column slice [col_offset, col_offset + n_cols) of the
     # full vocabulary (the fused op's backward tiles); the softmax normalizer comes from `stats`.
@@ -114,6 +127,9 @@ def _token_logprobs_bwd_kernel(
     logs = tl.load(stats_ptr + 2 * row + 1)
     g_logp = tl.load(grad_logp_ptr + row)
     x = tl.load(logits_ptr + row * stride_l + cols, mask=cmask & valid, other=0.0).to(tl.float32)
+    if HAS_TAU:
+        # Dropped logits have p = 0 and get exactly 0 (the caller zeroes g_logp of rows whose target is dropped).
+        x = tl.where(x >= tl.load(tau_ptr + row), x, float("-inf"))
     log_p = (x - m) * inv_t - logs
     p = tl.exp(log_p)
     g = -g_logp * p
@@ -139,7 +155,7 @@ def _fwd_block(V: int) -> tuple[int, int]:
     return min(next_pow2(V), 4096), 8
 
 
-def _token_logprobs_fwd_triton(logits, targets, temperature, ignore_index, compute_entropy):
+def _token_logprobs_fwd_triton(logits, targets, temperature, ignore_index, compute_entropy, tau=None):
     N, V = logits.shape
     inv_t = 1.0 / temperature
     logp = torch.empty(N, device=logits.device, dtype=torch.float32)
@@ -157,8 +173,10 @@ def _token_logprobs_fwd_triton(logits, targets, temperature, ignore_index, compu
             V,
             inv_t,
             ignore_index,
+            tau if tau is not None else stats,
             COMPUTE_ENTROPY=compute_entropy,
             BLOCK_V=block,
+            HAS_TAU=tau is not None,
             num_warps=warps,
         )
     return logp, entropy, stats
@@ -176,6 +194,7 @@ def _token_logprobs_bwd_triton(
     col_offset=0,
     vocab=None,
     out_dtype=None,
+    tau=None,
 ):
     N, n_cols = logits.shape
     inv_t = 1.0 / temperature
@@ -198,8 +217,10 @@ def _token_logprobs_bwd_triton(
             n_cols if vocab is None else vocab,
             inv_t,
             ignore_index,
+            tau if tau is not None else stats,
             HAS_GRAD_ENTROPY=has_ge,
             BLOCK_V=block,
+            HAS_TAU=tau is not None,
             num_warps=1 if INTERPRET else 8,
         )
     return out
@@ -208,7 +229,11 @@ def _token_logprobs_bwd_triton(
 # ----------------------------------------------------------------------------------------------------------------
 # Pure-torch backend (same math, row-chunked so its fp32 temporaries stay bounded)
 # ----------------------------------------------------------------------------------------------------------------
-def _token_logprobs_fwd_torch(logits, targets, temperature, ignore_index, compute_entropy):
+def _token_logprobs_fwd_torch(
+    logits, targets, temperature, ignore_index, compute_entropy, tau=None, deterministic=False
+):
+    # deterministic: row sums in a fixed order (batch_invariance.tree_sum) instead of torch's shape-tuned sum.
+    row_sum = _bi.tree_sum if deterministic else (lambda t: t.sum(-1))
     N, V = logits.shape
     inv_t = 1.0 / temperature
     dev = logits.device
@@ -219,18 +244,20 @@ def _token_logprobs_fwd_torch(logits, targets, temperature, ignore_index, comput
     nan = torch.tensor(float("nan"), device=dev)
     for r0 in range(0, N, step):
         x = logits[r0 : r0 + step].float()
+        if tau is not None:
+            x = torch.where(x >= tau[r0 : r0 + step, None], x, float("-inf"))
         y = targets[r0 : r0 + step]
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
         m = x.amax(-1)
         d = (x - m[:, None]) * inv_t
         e = d.exp()
-        s = e.sum(-1)
+        s = row_sum(e)
         logs = s.log()
         d_y = d.gather(-1, torch.where(valid & in_range, y, 0)[:, None]).squeeze(-1)
         logp[r0 : r0 + step] = torch.where(valid, torch.where(in_range, d_y - logs, nan), 0.0)
         if compute_entropy:
-            ent = logs - torch.where(e > 0, e * d, 0.0).sum(-1) / s
+            ent = logs - row_sum(torch.where(e > 0, e * d, 0.0)) / s
             entropy[r0 : r0 + step] = torch.where(valid, torch.where(in_range, ent, nan), 0.0)
         stats[r0 : r0 + step] = torch.where(valid[:, None], torch.stack([m, logs], -1), 0.0)
     return logp, entropy, stats
@@ -248,6 +275,7 @@ def _token_logprobs_bwd_torch(
     col_offset=0,
     vocab=None,
     out_dtype=None,
+    tau=None,
 ):
     N, n_cols = logits.shape
     inv_t = 1.0 / temperature
@@ -258,6 +286,8 @@ def _token_logprobs_bwd_torch(
     for r0 in range(0, N, step):
         sl = slice(r0, r0 + step)
         x = logits[sl].float()
+        if tau is not None:
+            x = torch.where(x >= tau[sl, None], x, float("-inf"))
         y = targets[sl]
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
@@ -357,6 +387,85 @@ torch.library.register_autograd("lacot::token_logprobs", _backward, setup_contex
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Registered op: lacot::token_logprobs_truncated (the softmax over the sampler's kept set {x >= tau})
+# ----------------------------------------------------------------------------------------------------------------
+def _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic):
+    if name == "cuda":  # the compiled kernels take the threshold too (keep_above in csrc/token_logprobs_math.h)
+        return FWD["cuda"](logits, targets, temperature, ignore_index, compute_entropy, tau)
+    if name == "torch":
+        return FWD["torch"](logits, targets, temperature, ignore_index, compute_entropy, tau, deterministic)
+    return FWD[name](logits, targets, temperature, ignore_index, compute_entropy, tau=tau)
+
+
+@torch.library.register_kernel("lacot::token_logprobs_truncated", ("cpu", "cuda"))
+def _token_logprobs_truncated_impl(
+    logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic, backend
+):
+    _checks.check_targets_in_range(targets, logits.shape[1], ignore_index)
+    name = _registry.resolve_backend(backend, logits.device)
+    return _fwd_truncated(name, logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic)
+
+
+@torch.library.register_fake("lacot::token_logprobs_truncated")
+def _token_logprobs_truncated_fake(
+    logits, targets, tau, temperature, ignore_index, compute_entropy, deterministic, backend
+):
+    return _token_logprobs_fake(logits, targets, temperature, ignore_index, compute_entropy, backend)
+
+
+@torch.library.register_kernel("lacot::token_logprobs_truncated_backward", ("cpu", "cuda"))
+def _token_logprobs_truncated_backward_impl(
+    grad_logp, grad_entropy, logits, targets, tau, stats, entropy, temperature, ignore_index, backend
+):
+    name = _registry.resolve_backend(backend, logits.device)
+    if name == "cuda":
+        return BWD["cuda"](grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, tau)
+    return BWD[name](grad_logp, grad_entropy, logits, targets, stats, entropy, temperature, ignore_index, tau=tau)
+
+
+@torch.library.register_fake("lacot::token_logprobs_truncated_backward")
+def _token_logprobs_truncated_backward_fake(
+    grad_logp, grad_entropy, logits, targets, tau, stats, entropy, temperature, ignore_index, backend
+):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context_truncated(ctx, inputs, output):
+    logits, targets, tau, temperature, ignore_index, compute_entropy, _deterministic, backend = inputs
+    logp, entropy, stats = output
+    ctx.save_for_backward(logits, targets, tau, stats, entropy, logp)
+    ctx.args = (temperature, ignore_index, compute_entropy, backend)
+
+
+def _backward_truncated(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, targets, tau, stats, entropy, logp = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, backend = ctx.args
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        # A target outside the kept set has logp = -inf, a constant of the logits (tau is a constant selector):
+        # its gradient is 0, so its upstream gradient is dropped before the kernels add it at the target.
+        g = torch.where(logp == float("-inf"), 0.0, grad_logp.float()).contiguous()
+        grad_logits = torch.ops.lacot.token_logprobs_truncated_backward(
+            g,
+            grad_entropy.float().contiguous() if compute_entropy else None,
+            logits,
+            targets,
+            tau,
+            stats,
+            entropy,
+            temperature,
+            ignore_index,
+            backend,
+        )
+    return grad_logits, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "lacot::token_logprobs_truncated", _backward_truncated, setup_context=_setup_context_truncated
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 def token_logprobs(
@@ -367,8 +476,21 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    sampler_order: str = "vllm",
+    deterministic: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each chosen token, ``log_softmax(logits / temperature)[targets]``, in fp32.
+
+    With ``top_k`` / ``top_p`` / ``min_p`` (the sampler's settings), the log-prob and entropy are those of the
+    distribution the sampler drew from: ``softmax(logits / T)`` renormalized over the kept set
+    ``K = {v : logits[v] >= tau}`` (``tau`` from ``sampler_truncation.kept_threshold``: its docstring states the
+    ordering and tie rules, vLLM's by default, ``sampler_order="hf"`` for transformers'). A target outside ``K``
+    has probability 0 under the sampler: its log-prob is ``-inf`` and its gradient 0 (its entropy is that of the
+    kept set, with its usual gradient). ``tau`` is a constant selector: gradients flow through kept logits only.
+    Without these arguments the op is the plain one, bitwise.
 
     Args:
         logits: ``(..., V)`` float32 / bfloat16 / float16, any strides (copied only if the last one is not 1).
@@ -377,6 +499,10 @@ def token_logprobs(
         ignore_index: target value whose positions give exactly 0 (and 0 gradient).
         return_entropy: also return the entropy of the same distribution.
         backend: ``"auto" | "cuda" | "triton" | "torch"`` (``auto`` honours ``LACOT_BACKEND``).
+        top_k: int >= 1 or None; top_p, min_p: float in (0, 1] or None; sampler_order: ``"vllm" | "hf"``.
+        deterministic: batch-invariant mode (None: ``LACOT_BATCH_INVARIANT``): each row's outputs and gradient
+            are bitwise independent of the other rows and of the row count (``ops/batch_invariance.py`` says
+            which backends already are by default).
 
     Returns:
         ``logp`` ``(...)`` float32, or ``(logp, entropy)`` both ``(...)`` float32. Both are differentiable with
@@ -403,13 +529,28 @@ def token_logprobs(
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
+    _trunc.check_sampler_args(top_k, top_p, min_p, sampler_order)
 
     lead = logits.shape[:-1]
     x = logits.reshape(-1, V)
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, _ = torch.ops.lacot.token_logprobs(x, t, temperature, ignore_index, bool(return_entropy), backend)
+    det = _bi.enabled(deterministic)
+    if _trunc.is_truncating(top_k, top_p, min_p) or det:
+        tau = None
+        if _trunc.is_truncating(top_k, top_p, min_p):
+            tau = _trunc.kept_threshold(
+                x.detach(), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order,
+                deterministic=det,
+            )  # fmt: skip
+        logp, entropy, _ = torch.ops.lacot.token_logprobs_truncated(
+            x, t, tau, temperature, ignore_index, bool(return_entropy), det, backend
+        )
+    else:
+        logp, entropy, _ = torch.ops.lacot.token_logprobs(
+            x, t, temperature, ignore_index, bool(return_entropy), backend
+        )
     if return_entropy:
         return logp.view(lead), entropy.view(lead)
     return logp.view(lead)
