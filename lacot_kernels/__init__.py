@@ -55,10 +55,16 @@ interpolate_rewards = _rewards.interpolate_rewards
 reward_anchors = _rewards.reward_anchors
 subtb_loss = _subtb.subtb_loss
 
+# nn.Module surfaces (Liger-style losses) over the public functions above.
+from .modules import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinearTokenLogprobs  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FusedLinearDPOLoss",
+    "FusedLinearGRPOLoss",
+    "FusedLinearTokenLogprobs",
     "bin_rank",
     "dpo_loss",
     "fused_linear_grpo_loss",
