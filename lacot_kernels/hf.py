@@ -11,8 +11,8 @@ target is ``-100`` cost no LM-head work.
 `patch_model(model)` (reversible: `unpatch_model`, or `with patched(model):`) makes the model's own forward do the
 same when it is given ``labels``: it returns the loss, per-token log-probs and entropies, and no logits.
 
-Nothing here imports transformers or peft at import time: models are recognised by the attributes every ``PreTrainedModel`` (and
-every ``PeftModel``) has, so this module is as cheap to import as the rest of the package.
+Nothing here imports transformers or peft at import time: models are recognised by the attributes every
+``PreTrainedModel`` (and every ``PeftModel``) has, so this module is as cheap to import as the rest of the package.
 """
 
 from __future__ import annotations
