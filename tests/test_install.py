@@ -135,3 +135,15 @@ def test_requirements_split():
         assert peer not in names(demo)
     assert "-r requirements-demo.txt" in dev
     assert {"torch", "transformers", "matplotlib"} <= names(demo)
+
+
+def test_temporary_files_of_the_run_go_to_one_removable_directory(tmp_path):
+    # The root conftest points TMPDIR (inherited by subprocesses such as torchrun) and tempfile at one directory
+    # per run, removed when the run ends; pytest's own tmp_path lives there too.
+    import tempfile
+
+    run_tmp = Path(tempfile.gettempdir())
+    assert run_tmp.name.startswith("lacot-tests-") and os.environ["TMPDIR"] == str(run_tmp)
+    assert run_tmp in tmp_path.parents
+    probe = tempfile.mkdtemp()
+    assert Path(probe).parent == run_tmp
