@@ -171,7 +171,14 @@ def _extensions(plan: BuildPlan) -> tuple[list, dict]:
 
 
 def main() -> None:
+    import warnings
+
     from setuptools import setup
+
+    # setuptools reports every editable install of a package_dir-mapped layout (trainer/ -> lacot_kernels.trainer)
+    # through a warning class of its own that it documents as information, not a warning ("folders named like
+    # your package may take precedence"): expected for a repository checkout, so it is not printed.
+    warnings.filterwarnings("ignore", message=r"Editable installation\.")
 
     # A pip-assembled toolkit puts an nvcc wrapper in /usr/local/bin, from which torch would guess
     # CUDA_HOME=/usr/local; point it at the real root before torch.utils.cpp_extension reads it.
