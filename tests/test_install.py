@@ -100,6 +100,7 @@ def test_setup_py_exits_nonzero_with_the_line_when_torch_is_hidden(tmp_path):
         f"runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='__main__')"
     )
     env = {k: v for k, v in os.environ.items() if k != "LACOT_SKIP_EXT"}
+    env["CXX"] = sys.executable  # any existing program passes the compiler check, which comes first
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
