@@ -60,10 +60,16 @@ subtb_loss = _subtb.subtb_loss
 kept_threshold = _sampler_truncation.kept_threshold
 rollout_is_weights = _is_correction.rollout_is_weights
 
+# nn.Module surfaces (Liger-style losses) over the public functions above.
+from .modules import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinearTokenLogprobs  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FusedLinearDPOLoss",
+    "FusedLinearGRPOLoss",
+    "FusedLinearTokenLogprobs",
     "bin_rank",
     "dpo_loss",
     "fused_linear_grpo_loss",

@@ -8,21 +8,28 @@ model's own forward) and feeds its last hidden states to :func:`lacot_kernels.fu
 weight (and bias) of ``model.get_output_embeddings()``. The B x T x V logits are never formed; positions whose
 target is ``-100`` cost no LM-head work.
 
-Nothing here imports transformers or peft: models are recognised by the attributes every ``PreTrainedModel`` (and
-every ``PeftModel``) has, so this module is as cheap to import as the rest of the package.
+`patch_model(model)` (reversible: `unpatch_model`, or `with patched(model):`) makes the model's own forward do the
+same when it is given ``labels``: it returns the loss, per-token log-probs and entropies, and no logits.
+
+Nothing here imports transformers or peft at import time: models are recognised by the attributes every
+``PreTrainedModel`` (and every ``PeftModel``) has, so this module is as cheap to import as the rest of the package.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 
 from . import _checks, _registry
 from .ops.fused_linear import fused_linear_token_logprobs
 
-__all__ = ["lm_head_logit_scale", "token_logprobs_from_model"]
+__all__ = ["lm_head_logit_scale", "patch_model", "patched", "token_logprobs_from_model", "unpatch_model"]
 
 # Model inputs that would change what is computed behind the caller's back: labels (the targets replace them) and
 # logits_to_keep (the targets' -100 entries already skip positions, at no cost).
@@ -230,3 +237,143 @@ def token_logprobs_from_model(
             return_entropy=return_entropy,
             backend=backend,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch_model: the model's own forward returns per-token log-probs (and entropy) of the labels, no logits
+# ----------------------------------------------------------------------------------------------------------------
+_PATCH_ATTR = "_lacot_patch"
+_NO_INSTANCE_FORWARD = object()
+
+
+@functools.cache
+def _output_class() -> type:
+    # Defined on first use so that importing this module does not import transformers.
+    from transformers.utils import ModelOutput
+
+    @dataclasses.dataclass
+    class FusedLogprobsOutput(ModelOutput):
+        """What a patched model returns when given ``labels`` (or ``targets``): no logits.
+
+        loss: 0-d float32, the mean negative log-likelihood of the scored tokens (``sum / num_items_in_batch``
+            when the trainer passes it), as the model's own loss; logprobs / entropy: ``(B, T)`` float32, entry
+            ``t`` scoring the token that follows position ``t`` (0 where nothing is scored, and at ``t = T-1``
+            under the ``labels`` convention).
+        """
+
+        loss: torch.Tensor | None = None
+        logprobs: torch.Tensor | None = None
+        entropy: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+
+    return FusedLogprobsOutput
+
+
+def patch_model(
+    model: torch.nn.Module,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = True,
+    backend: str = "auto",
+) -> torch.nn.Module:
+    """Make ``model(...)`` return per-token log-probs (and entropy) of its labels without forming the logits.
+
+    After the patch, a call with ``labels`` (transformers' convention: ``labels[b, t]`` is the token at position
+    ``t``, -100 where not scored; the model shifts them) or ``targets`` (already shifted: ``targets[b, t]`` is
+    scored after ``input_ids[b, :t+1]``, as in :func:`token_logprobs_from_model`) runs the backbone and
+    :func:`lacot_kernels.fused_linear_token_logprobs` instead of the LM head, and returns an output with
+    ``loss`` (mean NLL of the scored tokens: the model's own causal-LM loss), ``logprobs`` ``(B, T)`` float32,
+    ``entropy`` ``(B, T)`` float32 (when ``return_entropy``) and ``logits=None``. A call with neither (e.g.
+    ``generate``) runs the original forward unchanged. Only this model instance is patched (the class and other
+    instances are untouched), and :func:`unpatch_model` restores it exactly; :func:`patched` does both.
+
+    Args:
+        model: a transformers causal LM or Qwen2-VL / Qwen2.5-VL, or a peft model wrapping one (as
+            :func:`token_logprobs_from_model`).
+        temperature: finite, > 0: scores ``softmax(logits / temperature)`` (the model's config logit scale too).
+        return_entropy: also compute the entropy at every position.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``.
+
+    Returns:
+        ``model`` itself, patched. Patching a patched model raises ``ValueError``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    if getattr(model, _PATCH_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} is already patched by lacot_kernels: call unpatch_model first")
+    temperature = _checks.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if backend not in _registry.BACKENDS:
+        raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
+
+    # An instance-level forward (accelerate's hooks put one there) must be the one restored and the one called.
+    saved = model.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, labels=None, targets=None, num_items_in_batch=None, **kwargs):
+        if labels is None and targets is None:
+            return original(*args, **kwargs)
+        if labels is not None and targets is not None:
+            raise TypeError("pass either labels (transformers' unshifted convention) or targets (shifted), not both")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        if len(args) > 1:
+            raise TypeError("a patched model takes input_ids positionally and every other input by keyword")
+        if input_ids is None:
+            raise TypeError("a patched model needs input_ids to score labels (inputs_embeds alone is not supported)")
+        if labels is not None:
+            _checks.check_tensor("labels", labels)
+            targets = torch.full_like(labels, -100)
+            targets[:, :-1] = labels[:, 1:]
+        kwargs.pop("return_dict", None)
+        kwargs.pop("logits_to_keep", None)  # nothing is kept: there are no logits
+        attention_mask = kwargs.pop("attention_mask", None)
+        out = token_logprobs_from_model(
+            model,
+            input_ids,
+            targets,
+            attention_mask=attention_mask,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            backend=backend,
+            **kwargs,
+        )
+        logp, entropy = out if return_entropy else (out, None)
+        scored = targets.to(logp.device) != -100
+        denom = scored.sum() if num_items_in_batch is None else num_items_in_batch
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(logp.device)
+        loss = -logp.sum() / denom
+        return _output_class()(loss=loss, logprobs=logp, entropy=entropy)
+
+    object.__setattr__(model, "forward", forward)
+    object.__setattr__(model, _PATCH_ATTR, saved)
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch_model`: the model's forward is its original one again. Raises ``ValueError`` when the
+    model is not patched."""
+    saved = getattr(model, _PATCH_ATTR, None)
+    if saved is None:
+        raise ValueError(f"{type(model).__name__} is not patched by lacot_kernels")
+    if saved is _NO_INSTANCE_FORWARD:
+        del model.__dict__["forward"]
+    else:
+        object.__setattr__(model, "forward", saved)
+    del model.__dict__[_PATCH_ATTR]
+    return model
+
+
+@contextlib.contextmanager
+def patched(
+    model: torch.nn.Module, *, temperature: float = 1.0, return_entropy: bool = True, backend: str = "auto"
+) -> Iterator[torch.nn.Module]:
+    """``with patched(model) as m:`` - :func:`patch_model` for the block, :func:`unpatch_model` after it (also on
+    an exception)."""
+    patch_model(model, temperature=temperature, return_entropy=return_entropy, backend=backend)
+    try:
+        yield model
+    finally:
+        unpatch_model(model)

@@ -295,3 +295,139 @@ def test_bad_arguments():
         token_logprobs_from_model(model, ids, targets.masked_fill(targets == -100, 600))
     with pytest.raises(ValueError, match="has no output embeddings"):
         token_logprobs_from_model(torch.nn.Linear(3, 3), ids, targets)
+
+
+# ---- patch_model: the model's own forward returns log-probs of its labels, without logits ----------------------
+
+
+class _LogitsWatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every tensor an aten op produces (forward and backward) whose last dim is the vocabulary and that
+    holds at least `rows` rows of it: any materialized (B, T, V) / (B*T, V) logits or logits gradient."""
+
+    def __init__(self, vocab: int, rows: int):
+        super().__init__()
+        self.vocab, self.rows, self.seen = vocab, rows, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                if t.numel() // self.vocab >= self.rows:
+                    self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _hf_labels(ids, mask):
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[0, :3] = -100  # prompt tokens are not scored
+    return labels
+
+
+def test_patch_model_returns_logprobs_loss_and_entropy_of_labels():
+    model = tiny_qwen2(V)
+    ids, mask, _ = _text_inputs(seed=12)
+    labels = _hf_labels(ids, mask)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        lk.hf.patch_model(model, temperature=1.0)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and out.logprobs.shape == ids.shape and out.entropy.shape == ids.shape
+    # The unpatched model's log_softmax-gathered log-probs of the shifted labels, in fp64.
+    shifted = labels[:, 1:]
+    ref_lp, ref_ent = reference.token_logprobs(plain.logits[:, :-1], shifted)
+    torch.testing.assert_close(out.logprobs[:, :-1].double(), ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy[:, :-1].double(), ref_ent, atol=1e-5, rtol=0)
+    assert not out.logprobs[:, -1].any()
+    # loss is the model's own causal-LM loss (mean NLL of the scored tokens); out[0] / out["loss"] as trainers read.
+    torch.testing.assert_close(out.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    assert out[0] is out.loss and out["loss"] is out.loss
+    lk.hf.unpatch_model(model)
+
+
+def test_patch_model_allocates_no_vocab_sized_tensor():
+    model = tiny_qwen2(V).train()
+    ids, mask, _ = _text_inputs(seed=13)
+    labels = _hf_labels(ids, mask)
+    scored = int((labels[:, 1:] != -100).sum())
+    # The detector does fire on the unpatched model (its B x T x V logits)...
+    with _LogitsWatch(V, scored) as watch:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert watch.seen
+    model.zero_grad()
+    # ...and nothing vocabulary-sized is produced or saved for backward by the patched one, forward + backward.
+    saved = []
+
+    def pack(t):
+        if t.dim() >= 1 and t.shape[-1] == V and t.numel() // V >= scored:
+            saved.append(tuple(t.shape))
+        return t
+
+    with lk.hf.patched(model), _LogitsWatch(V, scored) as watch:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        (out.loss + 0.1 * out.entropy.sum()).backward()
+    assert watch.seen == [] and saved == [], (watch.seen, saved)
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_patch_model_is_reversible_and_instance_local():
+    model, other = tiny_qwen2(V), tiny_qwen2(V)
+    ids, mask, targets = _text_inputs(seed=14)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    assert "forward" not in model.__dict__
+    with lk.hf.patched(model, return_entropy=False) as m:
+        assert m is model and "forward" in model.__dict__
+        with torch.no_grad():
+            # Without labels (generate, plain scoring) the original forward runs: logits as before.
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+            out = model(ids, attention_mask=mask, targets=targets)  # already-shifted targets, positional ids
+        assert out.entropy is None
+        ref = token_logprobs_from_model(model, ids, targets, attention_mask=mask)
+        torch.testing.assert_close(out.logprobs, ref, atol=0, rtol=0)
+        assert "forward" not in other.__dict__  # other instances and the class are untouched
+        with pytest.raises(ValueError, match="already patched"):
+            lk.hf.patch_model(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "_lacot_patch")
+    with pytest.raises(ValueError, match="not patched"):
+        lk.hf.unpatch_model(model)
+    # The context manager unpatches on an exception too.
+    with pytest.raises(RuntimeError, match="boom"), lk.hf.patched(model):
+        raise RuntimeError("boom")
+    assert "forward" not in model.__dict__
+    # An instance-level forward that was there before (accelerate hooks put one) is what comes back.
+    hooked = model.forward
+    model.forward = hooked
+    lk.hf.patch_model(model)
+    lk.hf.unpatch_model(model)
+    assert model.__dict__["forward"] is hooked
+
+
+def test_patch_model_qwen25_vl_with_image():
+    model = tiny_qwen25_vl(V)
+    inputs = vl_inputs(batch=2, vocab_size=V)
+    labels = inputs["input_ids"].clone()
+    labels[labels == 5] = -100  # image pad tokens
+    with torch.no_grad():
+        plain = model(**inputs, labels=labels)
+        with lk.hf.patched(model, temperature=0.8):
+            out = model(**inputs, labels=labels)
+    ref_lp, ref_ent = reference.token_logprobs(plain.logits[:, :-1], labels[:, 1:], temperature=0.8)
+    torch.testing.assert_close(out.logprobs[:, :-1].double(), ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy[:, :-1].double(), ref_ent, atol=1e-5, rtol=0)
+
+
+def test_patch_model_errors():
+    model = tiny_qwen2(V)
+    ids, mask, targets = _text_inputs(seed=15)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        lk.hf.patch_model("qwen")
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        lk.hf.patch_model(model, temperature=-1.0)
+    assert "forward" not in model.__dict__
+    with lk.hf.patched(model):
+        with pytest.raises(TypeError, match="either labels .* or targets"):
+            model(ids, labels=ids, targets=targets)
+        with pytest.raises(TypeError, match="needs input_ids"):
+            model(inputs_embeds=torch.zeros(2, 11, 64), labels=ids)
