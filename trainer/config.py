@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .algorithms import ALGORITHMS
 
-ALGORITHMS = ("sft", "dpo", "grpo", "lacot", "bin")
+# yaml is imported where it is used: `lacot-train --help` must run (and name the missing `train` extra) without it.
+
+PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
 
 
 @dataclass
@@ -32,7 +34,10 @@ class LoraConfig:
 class ModelConfig:
     path: str = ""  # a transformers checkpoint directory (or hub id when online)
     ref_path: str = ""  # frozen reference / reward model π_Φ; "" = path (with LoRA: the adapter-disabled base)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the ops still accumulate and return fp32)
+    # auto | float32 | bfloat16 | float16: storage of *frozen* weights only (a reference model, a LoRA base, the model
+    # bin evaluates); auto = bfloat16 under a bf16 train.precision, else float32. Trained weights follow
+    # train.precision. The ops accumulate and return fp32 whatever it is.
+    dtype: str = "auto"
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed and on CUDA, else sdpa
     backend: str = "auto"  # lacot_kernels backend for every op call
     gradient_checkpointing: bool = False
@@ -93,6 +98,12 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuBLAS workspace
     device: str = "auto"  # auto | cpu | cuda
+    # bf16-mixed: fp32 weights and AdamW state, forward/backward under bf16 autocast (the default on GPU).
+    # fp32: everything fp32 (the default on CPU). bf16-pure: bf16 weights updated in place: opt-in, warns, because
+    # updates below 2^-8 of a weight round away (5 DPO steps at lr 5e-7 changed 0.6% of a model's weights).
+    # auto = bf16-mixed on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    strategy: str = "ddp"  # several processes (torchrun): ddp (replicated weights) | fsdp (FSDP2 sharding)
     threads: int = 0  # torch.set_num_threads (0 = leave)
     log_every: int = 1
     eval_every: int = 0  # greedy accuracy on data.eval_file every N steps (0 = only at the end)
@@ -194,13 +205,22 @@ class Config:
         need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
         need(t.micro_batch_size >= 0, "train.micro_batch_size", ">= 0", t.micro_batch_size)
         need(t.device in ("auto", "cpu", "cuda"), "train.device", "auto | cpu | cuda", t.device)
+        need(t.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), t.precision)
+        need(t.strategy in ("ddp", "fsdp"), "train.strategy", "ddp | fsdp", t.strategy)
+        need(
+            not (t.strategy == "fsdp" and self.model.lora.r > 0),
+            "train.strategy",
+            "ddp with LoRA (model.lora.r > 0: the adapters are small, FSDP + LoRA is not wired)",
+            t.strategy,
+        )
         need(t.resume not in ("",), "train.resume", "auto | never | a checkpoint path", t.resume)
         need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
         need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a finite float > 0", o.lr)
         need(o.schedule in ("cosine", "constant", "linear"), "optim.schedule", "cosine | constant | linear", o.schedule)
         need(len(o.betas) == 2, "optim.betas", "two floats", o.betas)
         need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
-        need(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32|bfloat16|float16", None)
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        need(self.model.dtype in dtypes, "model.dtype", " | ".join(dtypes), self.model.dtype)
         need(self.model.backend in ("auto", "cuda", "triton", "torch"), "model.backend", "auto|cuda|triton|torch", None)
         need(self.model.lora.r >= 0, "model.lora.r", ">= 0", self.model.lora.r)
         need(self.grpo.group_size >= 2, "grpo.group_size", ">= 2", self.grpo.group_size)
@@ -223,6 +243,7 @@ class Config:
         need(lc.filter_reward in ("mean", "sum"), "lacot.filter_reward", "mean | sum", lc.filter_reward)
         need(lc.subtb_decay >= 0, "lacot.subtb_decay", ">= 0", lc.subtb_decay)
         need(lc.anchor_chunk >= 1, "lacot.anchor_chunk", ">= 1", lc.anchor_chunk)
+        need(lc.reduction in ("sum", "mean"), "lacot.reduction", "sum | mean", lc.reduction)
         need(self.bin.num_samples >= 1, "bin.num_samples", ">= 1", self.bin.num_samples)
         need(self.bin.reduce in ("mean", "logmeanexp"), "bin.reduce", "mean | logmeanexp", self.bin.reduce)
         need(self.bin.scorer in ("policy", "reference"), "bin.scorer", "policy | reference", self.bin.scorer)
@@ -230,6 +251,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved_precision(self, cuda: bool) -> str:
+        """``train.precision`` with ``auto`` resolved for the device."""
+        if self.train.precision != "auto":
+            return self.train.precision
+        return "bf16-mixed" if cuda else "fp32"
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -319,6 +346,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
         raise ValueError(f"command line: override {text!r} must look like section.key=value")
+    import yaml
+
     key, raw = body.split("=", 1)
     if not key or "." not in key:
         raise ValueError(f"command line: override {text!r} must name section.key (e.g. optim.lr=1e-5)")
@@ -331,6 +360,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> Config:
     """Defaults <- YAML file <- dotted overrides, then :meth:`Config.validate`."""
+    import yaml
+
     cfg = Config()
     if defaults:
         apply_mapping(cfg, defaults, "defaults")
@@ -349,5 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg.validate()
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
+def dump_config(cfg: Any, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
