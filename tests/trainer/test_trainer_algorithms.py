@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -124,3 +125,45 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
     phases = {json.loads(line)["phase"] for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()}
     assert phases == {"sft", "grpo", "lacot", "eval", "timings"}
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
+
+
+def test_dpo_pairs_only_chains_that_ended_on_their_own():
+    """A chain cut by the token budget gets a forced ⊤ (or answer end): DPO must not score it as the model's."""
+    from lacot_kernels.trainer.algorithms.dpo import split_chains
+    from lacot_kernels.trainer.rollout import Chain
+
+    def decode(ids):
+        return " ".join(map(str, ids))
+
+    right = Chain([1, 2], True, [7], True)
+    wrong = Chain([1, 3], True, [8], True)
+    truncated_wrong = Chain([1, 3, 3, 3], False, [9], True)  # hit max_new_tokens: ⊤ forced
+    unfinished_answer = Chain([1, 4], True, [5, 5], False)  # hit answer_max_tokens
+    truncated_right = Chain([1, 2, 2, 2], False, [7], True)
+    good, bad = split_chains([right, wrong, truncated_wrong, unfinished_answer, truncated_right], "7", decode)
+    assert good == [right]
+    assert bad == [wrong]
+
+
+@pytest.mark.slow
+def test_dpo_micro_batches_bound_the_step_memory():
+    """DPO honours train.micro_batch_size: one step over 16 pairs of 128 tokens in micro-batches of 2 pairs
+    needs well under half the extra peak memory of one forward over all of them (measured in fresh processes;
+    see dpo_step_memory.py for the full-size figures)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("dpo_step_memory.py")
+    growth = {}
+    for mb in (0, 2):
+        out = subprocess.run(
+            [sys.executable, str(script), str(mb), "16", "128"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth[mb] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+    assert growth[2] < 0.5 * growth[0], growth
