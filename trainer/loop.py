@@ -87,6 +87,15 @@ BF16_PURE_WARNING = (
 )
 
 
+def _load(model_cfg, device: torch.device, key: str, **kwargs):
+    """:func:`load_model`, with a failure to find or read the checkpoint naming the config key and the value."""
+    try:
+        return load_model(model_cfg, device, **kwargs)
+    except OSError as exc:
+        path = kwargs.get("path") or model_cfg.path
+        raise OSError(f"{key}={path!r} cannot be loaded: {exc}") from exc
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -128,7 +137,9 @@ class Trainer:
         self.model_cfg = replace(cfg.model, dtype=dtype)
         self.ref_cfg = replace(cfg.model, dtype=frozen_dtype)
 
-        self.model, tokenizer, image_processor = load_model(self.model_cfg, self.device, trainable=algo_cls.trains)
+        self.model, tokenizer, image_processor = _load(
+            self.model_cfg, self.device, "model.path", trainable=algo_cls.trains
+        )
         self.codec = Codec(tokenizer, image_processor, cfg.format)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.is_vision = image_processor is not None
@@ -222,7 +233,8 @@ class Trainer:
         if self._reference is None:
             # Loaded from model.path, not copied from the live policy: identical on resume.
             path = self.cfg.model.ref_path or self.cfg.model.path
-            self._reference, _, _ = load_model(self.ref_cfg, self.device, path=path, trainable=False)
+            key = "model.ref_path" if self.cfg.model.ref_path else "model.path"
+            self._reference, _, _ = _load(self.ref_cfg, self.device, key, path=path, trainable=False)
         yield self._reference
 
     def _shard(self, policy: Policy) -> torch.nn.Module:
