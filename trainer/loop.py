@@ -251,6 +251,10 @@ class Trainer:
         for m in blocks:
             fully_shard(m)
         fully_shard(policy)
+        # FSDP2 picks its root lazily, as the first module to run forward; generation and evaluation call the
+        # layers without the Policy's forward (possibly before any training step), so fix the root now. There is
+        # no public call for this in torch 2.14.
+        policy._get_fsdp_state()._lazy_init()
         return policy
 
     # ---- optimisation -------------------------------------------------------------------------------------------
@@ -428,7 +432,10 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            state_dict = {k.removeprefix("model."): v for k, v in full.items()}
+            # Tied weights (an LM head sharing the embedding) come back as two gathered copies: keep the name
+            # save_pretrained keeps, the first one, as named_parameters() lists shared parameters once.
+            keep = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+            state_dict = {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in keep}
         if not self.is_main:
             return None
         out = self.out_dir / "final"
