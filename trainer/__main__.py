@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ EXTRA_HINT = 'pip install "lacot-kernels[train]"'
 CONFIG_HELP = "a YAML file, or the name of a packaged config (see above); read before the other options"
 DEBUG_HELP = "print the full traceback of an error instead of one line"
 PROG = "lacot-train"
+KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # section.key (or key, for a flat config)
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _as_flags(args: list[str]) -> list[str]:
     for a in args:
         body = a[2:] if a.startswith("--") else a
         key, eq, raw = body.partition("=")
-        if not eq or "." not in key or " " in key:
+        if not eq or not KEY.fullmatch(key):
             out.append(a)
             continue
         try:

@@ -108,8 +108,11 @@ def test_micro_batches_accumulate_to_the_full_batch(algo, sft_text_model, text_d
     a, b = outs
     la = [r["loss"] for r in a.history if "loss" in r]
     lb = [r["loss"] for r in b.history if "loss" in r]
-    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
     pa, pb = params_of(a.final_dir), params_of(b.final_dir)
+    loss_diff = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb, strict=True))
+    param_diff = max(float((pa[k] - pb[k]).abs().max()) for k in pa)
+    print(f"\n{algo}: micro-batches of 3 vs whole batch: max rel loss diff {loss_diff:.2g}, max |dw| {param_diff:.2g}")
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
 

@@ -118,3 +118,28 @@ def test_model_errors_are_one_line_with_an_offline_hint(tmp_path, capsys, monkey
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Qwen/not-here" in err and "HF_HUB_OFFLINE is set" in err
+
+
+@dataclasses.dataclass
+class _ToyConfig:
+    teacher: str = ""  # the model that writes rationales
+    n: int = 2  # how many per question
+
+
+def _toy_run(cfg: _ToyConfig) -> None:
+    print(f"toy {cfg.teacher} {cfg.n}")
+
+
+def test_a_new_command_is_one_registration(monkeypatch, capsys, tmp_path):
+    """How `distill` (or any command) plugs in: a config dataclass and a run function, by import path."""
+    from lacot_kernels.trainer import __main__ as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "toy", cli.COMMANDS["sft"])  # placeholder, replaced by register()
+    cli.register("toy", "a toy command", f"{__name__}:_ToyConfig", f"{__name__}:_toy_run")
+    yaml_file = tmp_path / "toy.yaml"
+    yaml_file.write_text("teacher: big\n")
+    assert cli.main(["toy", "--config", str(yaml_file), "n=5"]) == 0
+    assert "toy big 5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "--help"])
+    assert "how many per question" in capsys.readouterr().out
