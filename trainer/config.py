@@ -94,7 +94,7 @@ class TrainConfig:
     out_dir: str = "out/run"  # metrics, checkpoints and the final model go here
     steps: int = 100  # optimizer steps for sft/dpo; generation batches for grpo/lacot
     batch_size: int = 8  # prompts (sft/grpo/lacot/bin) or pairs (dpo) per step, over all processes
-    micro_batch_size: int = 0  # sequences per forward/backward (gradient accumulation); 0 = whole batch
+    micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation; DPO: pairs, 2 rows each); 0 = all
     seed: int = 0  # every RNG; rank r uses seed + r
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuBLAS workspace
     device: str = "auto"  # auto | cpu | cuda
