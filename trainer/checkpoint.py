@@ -48,20 +48,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_root: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
-    """Write ``payload`` (a dict of picklable objects / tensors) atomically as ``step-<step>``."""
+def tmp_dir(ckpt_root: Path, step: int) -> Path:
+    """Where ``step-<step>`` is written before the rename (one name that every rank of a run agrees on)."""
+    return ckpt_root / f".tmp-step-{step:08d}"
+
+
+def begin(ckpt_root: Path, step: int) -> Path:
+    """An empty temporary directory for the checkpoint of ``step`` (rank 0 only)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = tmp_dir(ckpt_root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def write(tmp: Path, payload: dict[str, Any]) -> None:
+    """``<name>.pt`` for each entry of ``payload`` (picklable objects / tensors), each flushed to disk."""
     for name, obj in payload.items():
         with open(tmp / f"{name}.pt", "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def commit(ckpt_root: Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """Rename the complete ``tmp`` to ``step-<step>`` (atomic), then prune to the last ``keep_last``."""
     _fsync_dir(tmp)
+    for sub in tmp.iterdir():  # e.g. the sharded dcp/ folder written by every rank
+        if sub.is_dir():
+            _fsync_dir(sub)
+    final = ckpt_root / f"step-{step:08d}"
     if final.exists():  # re-saving the same step (a resumed run reaching it again): replace
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -69,6 +86,13 @@ def save(ckpt_root: Path, step: int, payload: dict[str, Any], keep_last: int) ->
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save(ckpt_root: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
+    """Write ``payload`` (a dict of picklable objects / tensors) atomically as ``step-<step>``."""
+    tmp = begin(ckpt_root, step)
+    write(tmp, payload)
+    return commit(ckpt_root, step, tmp, keep_last)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

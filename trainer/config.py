@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .algorithms import ALGORITHMS
 
-ALGORITHMS = ("sft", "dpo", "grpo", "lacot", "bin")
+# yaml is imported where it is used: `lacot-train --help` must run (and name the missing `train` extra) without it.
+
+PRECISIONS = ("auto", "bf16-mixed", "fp32", "bf16-pure")
 
 
 @dataclass
 class LoraConfig:
     r: int = 0  # 0 = full fine-tuning; > 0 = LoRA through peft (the reference is then the adapter-disabled base)
-    alpha: int = 16
-    dropout: float = 0.0
+    alpha: int = 16  # scale of the LoRA update: alpha / r
+    dropout: float = 0.0  # dropout on the LoRA input
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -32,10 +34,13 @@ class LoraConfig:
 class ModelConfig:
     path: str = ""  # a transformers checkpoint directory (or hub id when online)
     ref_path: str = ""  # frozen reference / reward model π_Φ; "" = path (with LoRA: the adapter-disabled base)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the ops still accumulate and return fp32)
+    # auto | float32 | bfloat16 | float16: storage of *frozen* weights only (a reference model, a LoRA base, the model
+    # bin evaluates); auto = bfloat16 under a bf16 train.precision, else float32. Trained weights follow
+    # train.precision. The ops accumulate and return fp32 whatever it is.
+    dtype: str = "auto"
     attn_implementation: str = "auto"  # auto = flash_attention_2 when installed and on CUDA, else sdpa
     backend: str = "auto"  # lacot_kernels backend for every op call
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute)
     freeze_vision: bool = False  # keep the vision tower (and merger) fixed
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -48,63 +53,69 @@ class FormatConfig:
     policy models at every state, and the answer can be scored or generated after any rationale.
     """
 
-    system: str = ""
-    user: str = "<|im_start|>user\n{image}{question}<|im_end|>\n"
+    system: str = ""  # text before the user turn
+    user: str = "<|im_start|>user\n{image}{question}<|im_end|>\n"  # the user turn
     image: str = "<|vision_start|>{image_pad}<|vision_end|>"  # {image_pad} = the pad token x image size
-    image_pad: str = "<|image_pad|>"
+    image_pad: str = "<|image_pad|>"  # the image placeholder token, repeated once per merged image patch
     rationale_header: str = "<|im_start|>analyzer\n"  # ends the prompt X
     terminator: str = "<|im_end|>"  # ⊤: must be a single token
     answer_header: str = "\n<|im_start|>assistant\n"  # forced after ⊤, never trained on
-    answer_end: str = "<|im_end|>"
+    answer_end: str = "<|im_end|>"  # closes the answer turn (a single token)
 
 
 @dataclass
 class DataConfig:
     train_file: str = ""  # .json / .jsonl / .parquet
-    eval_file: str = ""
-    question_field: str = "question"
-    answer_field: str = "answer"
-    rationale_field: str = "rationale"
+    eval_file: str = ""  # held-out rows for greedy evaluation (bin: the evaluated set)
+    question_field: str = "question"  # row field holding the question
+    answer_field: str = "answer"  # row field holding the short answer
+    rationale_field: str = "rationale"  # row field holding the reference rationale
     image_field: str = "image"  # a path (relative to the data file or image_root), bytes, or {"bytes","path"}
-    image_root: str = ""
-    max_prompt_tokens: int = 2048
-    shuffle: bool = True
+    image_root: str = ""  # folder that relative image paths are resolved against (default: the data file's folder)
+    max_prompt_tokens: int = 2048  # prompts longer than this many tokens are an error
+    shuffle: bool = True  # reshuffle the rows every epoch (the order is a function of the seed)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 1e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr over this many updates
     schedule: str = "cosine"  # cosine | constant | linear
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine / linear decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
 
 
 @dataclass
 class TrainConfig:
-    algorithm: str = "sft"
-    out_dir: str = "out/run"
+    algorithm: str = "sft"  # sft | dpo | grpo | lacot | bin (set by the command)
+    out_dir: str = "out/run"  # metrics, checkpoints and the final model go here
     steps: int = 100  # optimizer steps for sft/dpo; generation batches for grpo/lacot
     batch_size: int = 8  # prompts (sft/grpo/lacot/bin) or pairs (dpo) per step, over all processes
-    micro_batch_size: int = 0  # sequences per forward/backward (gradient accumulation); 0 = whole batch
-    seed: int = 0
+    micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation; DPO: pairs, 2 rows each); 0 = all
+    seed: int = 0  # every RNG; rank r uses seed + r
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed cuBLAS workspace
     device: str = "auto"  # auto | cpu | cuda
+    # bf16-mixed: fp32 weights and AdamW state, forward/backward under bf16 autocast (the default on GPU).
+    # fp32: everything fp32 (the default on CPU). bf16-pure: bf16 weights updated in place: opt-in, warns, because
+    # updates below 2^-8 of a weight round away (5 DPO steps at lr 5e-7 changed 0.6% of a model's weights).
+    # auto = bf16-mixed on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    strategy: str = "ddp"  # several processes (torchrun): ddp (replicated weights) | fsdp (FSDP2 sharding)
     threads: int = 0  # torch.set_num_threads (0 = leave)
-    log_every: int = 1
+    log_every: int = 1  # write a metrics line every N steps
     eval_every: int = 0  # greedy accuracy on data.eval_file every N steps (0 = only at the end)
-    eval_size: int = 200
-    eval_batch_size: int = 100
+    eval_size: int = 200  # evaluate on the first N rows of data.eval_file
+    eval_batch_size: int = 100  # rows per generation call in evaluation
     max_new_tokens: int = 64  # rationale budget for evaluation rollouts
-    answer_max_tokens: int = 16
+    answer_max_tokens: int = 16  # answer budget after the forced answer header
     save_every: int = 0  # 0 = only the final model
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept on disk (the oldest are deleted)
     resume: str = "auto"  # auto (latest checkpoint in out_dir) | never | a checkpoint directory
-    tensorboard: bool = False
-    progress: bool = True
+    tensorboard: bool = False  # also write tensorboard event files
+    progress: bool = True  # a tqdm progress bar on rank 0
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit; not resumable)
 
 
@@ -115,27 +126,27 @@ class SFTConfig:
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1
+    beta: float = 0.1  # DPO inverse temperature (LLaVA-Reasoner: 0.1)
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels
     num_samples: int = 8  # chains sampled per prompt from the SFT model to build pairs
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the chains that make the pairs
     pair_prompts: int = 256  # prompts sampled to build pairs
-    pairs_per_prompt: int = 1
+    pairs_per_prompt: int = 1  # pairs made from one prompt's chains (at most)
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 8
-    temperature: float = 1.0
+    group_size: int = 8  # G chains sampled per prompt
+    temperature: float = 1.0  # sampling temperature (the log-probs are taken at the same temperature)
     updates_per_batch: int = 1  # several optimizer updates per generation batch, with saved old log-probs
     beta: float = 0.0  # k3 KL to the reference model (0 = no reference forward)
-    eps_low: float = 0.2
+    eps_low: float = 0.2  # clip the ratio below at 1 - eps_low
     eps_high: float = 0.0  # 0 = eps_low
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
     scale: str = "group"  # advantage scaling: group | batch | none
-    correct_reward: float = 1.0
-    format_reward: float = 0.1
+    correct_reward: float = 1.0  # reward of an exactly matching answer
+    format_reward: float = 0.1  # reward of a well-formed chain (rationale closed, answer closed)
 
 
 @dataclass
@@ -145,25 +156,25 @@ class LaCoTConfig:
     min_len: int = 0  # first anchor after state 0
     max_len: int = 700  # rationale token budget
     min_new_tokens: int = 0  # ban ⊤ for the first tokens of a rollout
-    temperature_max: float = 1.0
-    temperature_min: float = 0.5
+    temperature_max: float = 1.0  # the exploration temperature drawn with probability p_max_temperature
+    temperature_min: float = 0.5  # lower end of U(temperature_min, temperature_max)
     p_max_temperature: float = 0.75  # P(sample at temperature_max); else U(temperature_min, temperature_max)
     delta_start: float = 1.5  # RGFN acceptance: reward >= delta * reference reward (log scale)
-    delta_end: float = 1.0
-    delta_horizon: int = 50
-    reward_temp_start: float = 1.0
-    reward_temp_end: float = 0.7
-    reward_temp_horizon: int = 50
+    delta_end: float = 1.0  # final delta of the RGFN acceptance rule
+    delta_horizon: int = 50  # steps over which delta goes from delta_start to delta_end
+    reward_temp_start: float = 1.0  # divide log-rewards by this at step 0
+    reward_temp_end: float = 0.7  # ... and by this after reward_temp_horizon steps
+    reward_temp_horizon: int = 50  # steps over which the reward temperature anneals
     filter_reward: str = "mean"  # mean (per-token, as the official code) | sum (as the paper's text)
-    subtb_decay: float = 1.0
-    reduction: str = "sum"
+    subtb_decay: float = 1.0  # weight decay^(k-1) of a sub-trajectory of k transitions (1 = plain SubTB)
+    reduction: str = "sum"  # sum (the paper) | mean (the official code's pooled mean over sub-trajectories)
     anchor_chunk: int = 64  # anchors scored per suffix pass (bounds the reward pass memory)
 
 
 @dataclass
 class BiNConfig:
     num_samples: int = 5  # N rationales per question
-    temperature: float = 0.7
+    temperature: float = 0.7  # sampling temperature of the N rationales
     reduce: str = "mean"  # mean (official) | logmeanexp (the paper's marginal likelihood)
     scorer: str = "policy"  # policy (q_θ, official code) | reference (π_Φ, the paper)
 
@@ -194,13 +205,22 @@ class Config:
         need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
         need(t.micro_batch_size >= 0, "train.micro_batch_size", ">= 0", t.micro_batch_size)
         need(t.device in ("auto", "cpu", "cuda"), "train.device", "auto | cpu | cuda", t.device)
+        need(t.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), t.precision)
+        need(t.strategy in ("ddp", "fsdp"), "train.strategy", "ddp | fsdp", t.strategy)
+        need(
+            not (t.strategy == "fsdp" and self.model.lora.r > 0),
+            "train.strategy",
+            "ddp with LoRA (model.lora.r > 0: the adapters are small, FSDP + LoRA is not wired)",
+            t.strategy,
+        )
         need(t.resume not in ("",), "train.resume", "auto | never | a checkpoint path", t.resume)
         need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
         need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "a finite float > 0", o.lr)
         need(o.schedule in ("cosine", "constant", "linear"), "optim.schedule", "cosine | constant | linear", o.schedule)
         need(len(o.betas) == 2, "optim.betas", "two floats", o.betas)
         need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
-        need(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32|bfloat16|float16", None)
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        need(self.model.dtype in dtypes, "model.dtype", " | ".join(dtypes), self.model.dtype)
         need(self.model.backend in ("auto", "cuda", "triton", "torch"), "model.backend", "auto|cuda|triton|torch", None)
         need(self.model.lora.r >= 0, "model.lora.r", ">= 0", self.model.lora.r)
         need(self.grpo.group_size >= 2, "grpo.group_size", ">= 2", self.grpo.group_size)
@@ -223,6 +243,7 @@ class Config:
         need(lc.filter_reward in ("mean", "sum"), "lacot.filter_reward", "mean | sum", lc.filter_reward)
         need(lc.subtb_decay >= 0, "lacot.subtb_decay", ">= 0", lc.subtb_decay)
         need(lc.anchor_chunk >= 1, "lacot.anchor_chunk", ">= 1", lc.anchor_chunk)
+        need(lc.reduction in ("sum", "mean"), "lacot.reduction", "sum | mean", lc.reduction)
         need(self.bin.num_samples >= 1, "bin.num_samples", ">= 1", self.bin.num_samples)
         need(self.bin.reduce in ("mean", "logmeanexp"), "bin.reduce", "mean | logmeanexp", self.bin.reduce)
         need(self.bin.scorer in ("policy", "reference"), "bin.scorer", "policy | reference", self.bin.scorer)
@@ -230,6 +251,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved_precision(self, cuda: bool) -> str:
+        """``train.precision`` with ``auto`` resolved for the device."""
+        if self.train.precision != "auto":
+            return self.train.precision
+        return "bf16-mixed" if cuda else "fp32"
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -319,6 +346,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
         raise ValueError(f"command line: override {text!r} must look like section.key=value")
+    import yaml
+
     key, raw = body.split("=", 1)
     if not key or "." not in key:
         raise ValueError(f"command line: override {text!r} must name section.key (e.g. optim.lr=1e-5)")
@@ -331,6 +360,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> Config:
     """Defaults <- YAML file <- dotted overrides, then :meth:`Config.validate`."""
+    import yaml
+
     cfg = Config()
     if defaults:
         apply_mapping(cfg, defaults, "defaults")
@@ -349,5 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg.validate()
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def dump_config(cfg: Any, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -1,12 +1,27 @@
 """The one training loop every algorithm runs in.
 
-Set-up (device, processes, seeds, model, reference, data, optimizer, schedule), then per step: the next batch
-of examples -> ``algorithm.train_step`` (which calls :meth:`Trainer.backward` / :meth:`Trainer.optimizer_step`
-as many times as it needs) -> metrics -> periodic evaluation and checkpoint. Everything a resumed run needs is
-in the checkpoint; the training data order is a pure function of (seed, epoch, position).
+Set-up (device, processes, seeds, data, model, reference, optimizer, schedule), then per step (nanoGPT's
+``train.py`` keeps this in one visible place; here it is :meth:`Trainer.train_step`)::
 
-Several processes: launch with ``torchrun --nproc_per_node=K -m lacot_kernels.trainer ...``; the policy is
-wrapped in DDP (gloo on CPU, nccl on GPU), each rank takes ``batch_size / K`` prompts of every step.
+    prepared = algorithm.prepare(next batch)          # rollouts, rewards, fixed log-probs, split in micro-batches
+    for each of algorithm.updates_per_batch updates:
+        for each micro-batch:                         # gradient accumulation; DDP/FSDP sync on the last only
+            loss = algorithm.loss(policy, micro-batch); loss.backward()
+        clip, optimizer step, LR schedule, zero grad
+
+then metrics, periodic evaluation and checkpoint. Everything a resumed run needs is in the checkpoint; the
+training data order is a pure function of (seed, epoch, position).
+
+Precision (``train.precision``): ``bf16-mixed`` keeps fp32 weights and AdamW state and runs forward (rollouts
+included) under bf16 autocast; ``fp32``; ``bf16-pure`` stores and updates bf16 weights (opt-in, warns).
+
+Several processes: ``torchrun --nproc_per_node=K -m lacot_kernels.trainer ...``; each rank takes ``batch_size / K``
+prompts of every step; gloo on CPU, nccl on GPU. ``train.strategy=ddp`` replicates the policy (DDP);
+``train.strategy=fsdp`` shards it with FSDP2 (``fully_shard``): one group per decoder layer / vision block and a
+root group for the rest (embeddings, final norm, **LM head**). The root group is all-gathered for the whole
+forward, so the fused ops always see the full LM-head weight; for generation and evaluation the root group is
+gathered explicitly (:meth:`Trainer.gathered`). Frozen reference models are not sharded (every rank holds one).
+Checkpoints are then sharded with ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -14,32 +29,43 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint
+from .algorithms import get as get_algorithm
+from .algorithms.base import Prepared, TrainResult
 from .config import Config, dump_config
 from .data import Example, Sampler, load_examples
+from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger
-from .modeling import Codec, Policy, count_params, load_model
+from .modeling import Codec, Policy, count_params, load_model, unwrap
+
+__all__ = ["TrainResult", "Trainer", "run", "seed_all"]
 
 
 def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Python, numpy, torch (CPU and every CUDA device) from one seed."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
-def lr_lambda(cfg: Config):
-    o, total = cfg.optim, max(1, cfg.train.steps * _updates_per_step(cfg))
+def lr_lambda(cfg: Config, updates_per_step: int):
+    """Warmup then cosine / linear decay to ``min_lr_ratio`` (or constant).
+
+    Hand-written rather than ``transformers.get_scheduler``: its warmup starts at lr 0 (ours at lr/warmup, so
+    the first update is not wasted) and its linear schedule decays to 0, not to ``min_lr_ratio``.
+    """
+    o, total = cfg.optim, max(1, cfg.train.steps * updates_per_step)
 
     def f(update: int) -> float:
         if o.warmup_steps and update < o.warmup_steps:
@@ -54,17 +80,20 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _updates_per_step(cfg: Config) -> int:
-    return cfg.grpo.updates_per_batch if cfg.train.algorithm == "grpo" else 1
+BF16_PURE_WARNING = (
+    "train.precision=bf16-pure: AdamW updates bf16 weights in place, and an update below 2^-8 of a weight rounds "
+    "away (5 DPO steps at lr 5e-7 changed 0.6% of a model's weights, fp32 master weights 87.7%). Use bf16-mixed "
+    "unless memory forces this."
+)
 
 
-@dataclass
-class TrainResult:
-    out_dir: Path
-    final_dir: Path | None
-    step: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    trainer: Trainer | None = None
+def _load(model_cfg, device: torch.device, key: str, **kwargs):
+    """:func:`load_model`, with a failure to find or read the checkpoint naming the config key and the value."""
+    try:
+        return load_model(model_cfg, device, **kwargs)
+    except OSError as exc:
+        path = kwargs.get("path") or model_cfg.path
+        raise OSError(f"{key}={path!r} cannot be loaded: {exc}") from exc
 
 
 class Trainer:
@@ -79,19 +108,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         seed_all(cfg.train.seed + self.rank)
-        from .algorithms import ALGORITHMS
+        algo_cls = get_algorithm(cfg.train.algorithm)
 
-        algo_cls = ALGORITHMS[cfg.train.algorithm]
-        self.model, tokenizer, image_processor = load_model(cfg.model, self.device, trainable=algo_cls.trains)
-        self.codec = Codec(tokenizer, image_processor, cfg.format)
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.is_vision = image_processor is not None
-        policy = Policy(self.model)
-        if self.world > 1 and algo_cls.trains:
-            # Batches without images leave the vision tower unused: let DDP look for unused parameters then.
-            policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=self.is_vision)
-        self.policy = policy
-        self._reference: torch.nn.Module | None = None
+        # Data first: a bad row should fail in a second, not after a model has loaded.
         self.train_examples: list[Example] = []
         if cfg.data.train_file:
             self.train_examples = load_examples(cfg.data.train_file, cfg.data, need_rationale=algo_cls.needs_rationale)
@@ -102,6 +121,37 @@ class Trainer:
             self.eval_examples = load_examples(cfg.data.eval_file, cfg.data, need_rationale=False)[
                 : cfg.train.eval_size
             ]
+
+        # Precision: which dtype the weights are stored in, and whether forward runs under bf16 autocast.
+        self.precision = cfg.resolved_precision(self.device.type == "cuda")
+        if self.precision == "bf16-pure" and algo_cls.trains and self.is_main:
+            warnings.warn(BF16_PURE_WARNING, stacklevel=2)
+        bf16 = self.precision in ("bf16-mixed", "bf16-pure")
+        frozen_dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if bf16 else "float32")
+        if not algo_cls.trains:
+            dtype = frozen_dtype
+        elif cfg.model.lora.r > 0:  # the base is frozen (peft keeps the adapters in fp32)
+            dtype = frozen_dtype
+        else:
+            dtype = "bfloat16" if self.precision == "bf16-pure" else "float32"
+        self.model_cfg = replace(cfg.model, dtype=dtype)
+        self.ref_cfg = replace(cfg.model, dtype=frozen_dtype)
+
+        self.model, tokenizer, image_processor = _load(
+            self.model_cfg, self.device, "model.path", trainable=algo_cls.trains
+        )
+        self.codec = Codec(tokenizer, image_processor, cfg.format)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.is_vision = image_processor is not None
+        self.fsdp = self.world > 1 and algo_cls.trains and cfg.train.strategy == "fsdp"
+        policy: torch.nn.Module = Policy(self.model)
+        if self.fsdp:
+            policy = self._shard(policy)
+        elif self.world > 1 and algo_cls.trains:
+            # Batches without images leave the vision tower unused: let DDP look for unused parameters then.
+            policy = torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=self.is_vision)
+        self.policy = policy
+        self._reference: torch.nn.Module | None = None
         self.sampler = Sampler(
             max(1, len(self.train_examples)),
             seed=cfg.train.seed,
@@ -109,7 +159,13 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step = 0
+        self.updates = 0
+        self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.train.tensorboard)
+        self.algorithm = algo_cls(self)
+        # After sharding: FSDP replaces the parameters by sharded ones, and the optimizer must hold those.
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.params = params
         self.optimizer = (
             torch.optim.AdamW(
                 params,
@@ -121,11 +177,11 @@ class Trainer:
             if params
             else None
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg)) if params else None
-        self.step = 0
-        self.updates = 0
-        self.logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.train.tensorboard)
-        self.algorithm = algo_cls(self)
+        self.scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.algorithm.updates_per_batch))
+            if params
+            else None
+        )
 
     # ---- processes --------------------------------------------------------------------------------------------
 
@@ -177,35 +233,102 @@ class Trainer:
         if self._reference is None:
             # Loaded from model.path, not copied from the live policy: identical on resume.
             path = self.cfg.model.ref_path or self.cfg.model.path
-            self._reference, _, _ = load_model(self.cfg.model, self.device, path=path, trainable=False)
+            key = "model.ref_path" if self.cfg.model.ref_path else "model.path"
+            self._reference, _, _ = _load(self.ref_cfg, self.device, key, path=path, trainable=False)
         yield self._reference
+
+    def _shard(self, policy: Policy) -> torch.nn.Module:
+        """FSDP2: one group per decoder layer / vision block (the model's ``_no_split_modules``), the root group
+        (embeddings, final norm, LM head) on the Policy, so the head is gathered for the whole forward."""
+        from torch.distributed.fsdp import fully_shard
+
+        names = set(getattr(unwrap(self.model), "_no_split_modules", None) or [])
+        blocks = [m for m in self.model.modules() if type(m).__name__ in names]
+        if not blocks:
+            raise ValueError(
+                f"train.strategy=fsdp: the model names no layer class to shard (_no_split_modules={names})"
+            )
+        for m in blocks:
+            fully_shard(m)
+        fully_shard(policy)
+        # FSDP2 picks its root lazily, as the first module to run forward; generation and evaluation call the
+        # layers without the Policy's forward (possibly before any training step), so fix the root now. There is
+        # no public call for this in torch 2.14.
+        policy._get_fsdp_state()._lazy_init()
+        return policy
 
     # ---- optimisation -------------------------------------------------------------------------------------------
 
+    def autocast(self):
+        """bf16 autocast for bf16-mixed (weights stay fp32); nothing otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed")
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The model usable outside the policy's own forward (generation, scoring, evaluation): under FSDP the
+        root group (embeddings, final norm, LM head) is all-gathered for the duration; the layer groups gather
+        themselves in their forward hooks. A no-op without FSDP."""
+        if not self.fsdp:
+            yield
+            return
+        self.policy.unshard()
+        try:
+            yield
+        finally:
+            self.policy.reshard()
+
     def no_sync(self, skip: bool):
         """Context for the forward *and* backward of a micro-batch that is not the step's last: DDP then skips
-        its gradient all-reduce (it decides at forward time), the gradients accumulate locally."""
+        its gradient all-reduce (it decides at forward time), FSDP its reduce-scatter; gradients accumulate."""
         if skip and isinstance(self.policy, torch.nn.parallel.DistributedDataParallel):
             return self.policy.no_sync()
+        if self.fsdp:
+            return self._fsdp_sync(not skip)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    @contextlib.contextmanager
+    def _fsdp_sync(self, sync: bool):
+        self.policy.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            self.policy.set_requires_gradient_sync(True)
+
+    def train_step(self) -> dict[str, float]:
+        """One step: prepare the batch, accumulate the micro-batches' gradients, update (``updates_per_batch`` x)."""
+        algo = self.algorithm
+        with self.gathered(), self.autocast():
+            prepared: Prepared = algo.prepare(algo.next_batch())
+        mbs, updates = prepared.micro_batches, algo.updates_per_batch
+        sums: dict[str, float] = {"loss": 0.0}
+        grad_norms = []
+        for _ in range(updates):
+            for i, mb in enumerate(mbs):
+                with self.no_sync(i < len(mbs) - 1):
+                    with self.autocast():
+                        loss, stats = algo.loss(self.policy, mb)
+                    loss.backward()  # outside autocast: backward runs each op in its forward's dtype anyway
+                sums["loss"] += float(loss.detach())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            grad_norms.append(self.optimizer_step())
+        return {
+            **{k: v / updates for k, v in sums.items()},
+            **prepared.stats,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+        }
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return float(norm)
-
-    def micro_batches(self, n: int) -> list[slice]:
-        mb = self.cfg.train.micro_batch_size or n
-        return [slice(i, min(n, i + mb)) for i in range(0, n, mb)]
 
     @property
     def lr(self) -> float:
@@ -227,11 +350,26 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
+        """``step-<N>/``: written into a temporary directory by every rank, then renamed by rank 0 (atomic).
+
+        DDP / one process: ``model.pt`` and ``optimizer.pt`` (rank 0). FSDP: ``dcp/``, the sharded model and
+        optimizer states written by every rank with ``torch.distributed.checkpoint``.
+        """
         rngs = [checkpoint.rng_state()]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
+        tmp = checkpoint.begin(self.ckpt_root, self.step) if self.is_main else None
+        if self.world > 1:
+            dist.barrier()  # the temporary directory exists before any rank writes into it
+            tmp = checkpoint.tmp_dir(self.ckpt_root, self.step)
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         if self.is_main:
             state = {
                 "step": self.step,
@@ -240,32 +378,44 @@ class Trainer:
                 "metric_lines": self.logger.lines,
                 "algorithm": self.algorithm.state_dict(),
                 "world": self.world,
+                "strategy": "fsdp" if self.fsdp else "ddp",
             }
-            payload = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rngs,
-                "state": state,
-            }
-            checkpoint.save(self.ckpt_root, self.step, payload, self.cfg.train.keep_last)
+            payload: dict[str, Any] = {"scheduler": self.scheduler.state_dict(), "rng": rngs, "state": state}
+            if not self.fsdp:
+                payload.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+            checkpoint.write(tmp, payload)
+            checkpoint.commit(self.ckpt_root, self.step, tmp, self.cfg.train.keep_last)
         if self.world > 1:
             dist.barrier()
 
     def maybe_resume(self) -> bool:
         if self.is_main:
             checkpoint.clean_tmp(self.ckpt_root)
+        if self.world > 1:
+            dist.barrier()  # no rank looks for checkpoints while rank 0 is cleaning
         path = checkpoint.find_resume(self.ckpt_root, self.cfg.train.resume)
         if path is None:
             if self.is_main:
                 self.logger.truncate(0)
             return False
-        blob = checkpoint.load(path, ["model", "optimizer", "scheduler", "rng", "state"])
+        blob = checkpoint.load(path, ["scheduler", "rng", "state"])
         st = blob["state"]
         if st["world"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {st['world']} processes, this run has {self.world}")
-        self.model.load_state_dict(blob["model"])
-        self.optimizer.load_state_dict(blob["optimizer"])
+        if st.get("strategy", "ddp") != ("fsdp" if self.fsdp else "ddp"):
+            raise ValueError(f"checkpoint {path} was written with train.strategy={st.get('strategy', 'ddp')}")
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
+            sd = {"model": model_sd, "optimizer": optim_sd}
+            dcp.load(sd, checkpoint_id=str(path / "dcp"))
+            set_state_dict(self.policy, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        else:
+            weights = checkpoint.load(path, ["model", "optimizer"])
+            self.model.load_state_dict(weights["model"])
+            self.optimizer.load_state_dict(weights["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         checkpoint.set_rng_state(blob["rng"][self.rank])
         self.step, self.updates = st["step"], st["updates"]
@@ -277,6 +427,15 @@ class Trainer:
         return True
 
     def save_final(self) -> Path | None:
+        state_dict = None
+        if self.fsdp:  # every rank takes part in gathering the full weights; rank 0 writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # Tied weights (an LM head sharing the embedding) come back as two gathered copies: keep the name
+            # save_pretrained keeps, the first one, as named_parameters() lists shared parameters once.
+            keep = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+            state_dict = {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in keep}
         if not self.is_main:
             return None
         out = self.out_dir / "final"
@@ -286,10 +445,8 @@ class Trainer:
 
             model = copy.deepcopy(model).merge_and_unload()
         tmp = self.out_dir / ".tmp-final"
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(tmp)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(tmp)
@@ -300,12 +457,11 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        from .algorithms.bin import greedy_accuracy
-
         if not self.eval_examples:
             return {}
         mine = self.eval_examples[self.rank :: self.world]
-        correct, total = greedy_accuracy(self, mine)
+        with self.gathered(), self.autocast():
+            correct, total = greedy_accuracy(self, mine)
         t = self.all_sum(torch.tensor([correct, total], dtype=torch.float64, device=self.device))
         return {"eval/greedy_acc": float(t[0] / t[1]) if t[1] > 0 else 0.0}
 
@@ -318,6 +474,8 @@ class Trainer:
         info = {
             "algorithm": self.cfg.train.algorithm,
             "world_size": self.world,
+            "strategy": "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "single"),
+            "precision": self.precision,
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
             "parameters": total,
@@ -336,19 +494,19 @@ class Trainer:
             dump_config(cfg, self.out_dir / "config.yaml")
             self._write_run_info()
         resumed = self.maybe_resume() if self.optimizer is not None else False
+        with self.gathered(), self.autocast():
+            self.algorithm.setup()  # after a resume too: it must rebuild the same state
         if not resumed:
-            self.algorithm.setup()
             total, trainable = count_params(self.model)
             if self.is_main and cfg.train.progress:
                 print(
                     f"[{cfg.train.algorithm}] {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-                    f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, world {self.world}",
+                    f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, world {self.world}, "
+                    f"precision {self.precision}",
                     file=sys.stderr,
                 )
             if cfg.train.eval_every and self.eval_examples:
                 self.logger.log({"step": 0, **self.evaluate()})
-        else:
-            self.algorithm.setup()
         bar = None
         if self.is_main and cfg.train.progress:
             from tqdm import tqdm
@@ -361,7 +519,7 @@ class Trainer:
             if cfg.train.time_budget_s and time.perf_counter() - start > cfg.train.time_budget_s:
                 break
             t0 = time.perf_counter()
-            stats = self.algorithm.train_step(self.algorithm.next_batch())
+            stats = self.train_step()
             self.step += 1
             stats = self.all_mean(stats)
             record = {"step": self.step, **stats, "lr": self.lr, "step_time_s": time.perf_counter() - t0}
@@ -390,7 +548,8 @@ def run(cfg: Config) -> TrainResult:
     finished = False
     try:
         if not trainer.algorithm.trains:
-            result = trainer.algorithm.run()
+            with trainer.autocast():
+                result = trainer.algorithm.run()
             trainer.logger.close()
         else:
             result = trainer.fit()

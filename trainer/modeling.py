@@ -27,7 +27,7 @@ from .config import FormatConfig, ModelConfig
 from .data import Example
 
 IGNORE = -100
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------

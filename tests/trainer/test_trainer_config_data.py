@@ -134,7 +134,7 @@ def test_cli_reports_config_errors(tmp_path):
         timeout=120,
     )
     assert run.returncode == 2
-    assert "unknown config key 'optim.lrr'" in run.stderr
+    assert "Unrecognized options: --optim.lrr=1" in run.stderr and "--optim.lr FLOAT" in run.stderr
     run = subprocess.run(
         [sys.executable, "-m", "lacot_kernels.trainer", "ppo"], capture_output=True, text=True, timeout=120
     )

@@ -1,51 +1,28 @@
-"""Algorithms: small modules over one training loop (:mod:`..loop`).
+"""The one registry of algorithms: command name -> the class that implements it, imported on first use.
 
-Each is a class with ``train_step(batch) -> metrics`` that calls ``trainer.backward`` / ``trainer.optimizer_step``
-(``bin`` evaluates instead: ``run()``). Every log-prob, reward, advantage and loss goes through a
-``lacot_kernels`` op on hidden states: no B x T x V logits are formed.
+The names are all that the config and the command line need, so this module imports nothing heavy (no torch):
+``lacot-train --help`` and config validation work before any model code is loaded. Each algorithm is a small
+module over the one training loop (:mod:`..loop`): see :class:`.base.Algorithm` for the contract.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-
-class Algorithm:
-    trains = True  # False: evaluation only (no optimizer; model loaded frozen)
-    needs_rationale = False  # the training file must have a rationale on every row
-    progress_keys: tuple[str, ...] = ("loss",)
-
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.cfg = trainer.cfg
-
-    def setup(self) -> None:
-        """Once before the first step (and again after a resume, which must rebuild the same state)."""
-
-    def next_batch(self) -> Any:
-        return self.tr.next_examples()
-
-    def train_step(self, batch: Any) -> dict[str, float]:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+# name -> "module:Class" inside this package. A new algorithm is one line here plus its module.
+ALGORITHMS: dict[str, str] = {
+    "sft": "sft:SFT",
+    "dpo": "dpo:DPO",
+    "grpo": "grpo:GRPO",
+    "lacot": "lacot:LaCoT",
+    "bin": "bin:BiN",
+}
 
 
-def linear_schedule(start: float, end: float, horizon: int, step: int) -> float:
-    """``start -> end`` linearly over ``horizon`` steps, then ``end`` (LaCoT's δ and reward temperature)."""
-    if horizon <= 0:
-        return end
-    return start + (end - start) * min(1.0, step / horizon)
-
-
-from .bin import BiN  # noqa: E402
-from .dpo import DPO  # noqa: E402
-from .grpo import GRPO  # noqa: E402
-from .lacot import LaCoT  # noqa: E402
-from .sft import SFT  # noqa: E402
-
-ALGORITHMS = {"sft": SFT, "dpo": DPO, "grpo": GRPO, "lacot": LaCoT, "bin": BiN}
+def get(name: str) -> Any:
+    """The algorithm class registered as ``name`` (a ``ValueError`` naming the known ones otherwise)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
+    module, cls = ALGORITHMS[name].split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), cls)

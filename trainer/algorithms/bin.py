@@ -27,25 +27,7 @@ from ..data import Example
 from ..modeling import Codec, build_batch
 from ..rewards import SuffixQuery, exact_match, normalize_answer, score_suffixes
 from ..rollout import sample_chains
-from . import Algorithm
-
-
-def greedy_accuracy(trainer, examples: list[Example]) -> tuple[int, int]:
-    cfg, codec = trainer.cfg, trainer.codec
-    correct = 0
-    bs = cfg.train.eval_batch_size
-    for i in range(0, len(examples), bs):
-        chunk = examples[i : i + bs]
-        chains = sample_chains(
-            trainer.model,
-            codec,
-            [codec.prompt(e) for e in chunk],
-            max_rationale_tokens=cfg.train.max_new_tokens,
-            max_answer_tokens=cfg.train.answer_max_tokens,
-            rationale_temperature=None,
-        )
-        correct += sum(exact_match(codec.decode(c.answer), e.answer) for c, e in zip(chains, chunk, strict=False))
-    return correct, len(examples)
+from .base import Algorithm, TrainResult
 
 
 @torch.no_grad()
@@ -145,8 +127,6 @@ class BiN(Algorithm):
     trains = False
 
     def run(self):
-        from ..loop import TrainResult
-
         tr, cfg = self.tr, self.cfg
         if not tr.eval_examples:
             raise ValueError("bin evaluates data.eval_file, which is empty")

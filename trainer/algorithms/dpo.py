@@ -6,8 +6,15 @@ not; prompts with only right or only wrong chains give no pair. Reference log-pr
 then, once, with the forward-only fused op (the policy at step 0 *is* the reference), and the pairs are saved to
 ``<out_dir>/dpo_pairs.pt`` so a resumed run trains on exactly the same ones.
 
-Step: one forward over ``[chosen; rejected]``, summed completion log-probs (``lacot_kernels.sequence_logprobs``
-of the fused op's per-token log-probs), ``lacot_kernels.dpo_loss`` (sigmoid, β = 0.1 by default).
+Only chains that ended on their own are paired (:func:`split_chains`): a chain that hit
+``train.max_new_tokens`` before ⊤ (or ``train.answer_max_tokens`` before the answer's end) would be scored with a
+terminator the trainer forced, not one the model chose, and DPO would then push down (for a rejected chain) or
+up the probability of a token the model never sampled there. Such chains are dropped, not masked: masking the
+forced token would compare a chain without an end against one with it.
+
+Step: micro-batches of ``train.micro_batch_size`` pairs (0 = all), each one forward over ``[chosen; rejected]``,
+summed completion log-probs (``lacot_kernels.sequence_logprobs`` of the fused op's per-token log-probs),
+``lacot_kernels.dpo_loss`` (sigmoid, β = 0.1 by default) weighted by the micro-batch's share of the pairs.
 """
 
 from __future__ import annotations
@@ -25,8 +32,15 @@ import lacot_kernels as lk
 from ..data import Sampler
 from ..modeling import IGNORE, build_batch, completion_hidden
 from ..rewards import exact_match
-from ..rollout import sample_chains
-from . import Algorithm
+from ..rollout import Chain, sample_chains
+from .base import Algorithm, Prepared, chunks, compute_dtype
+
+
+def split_chains(chains: list[Chain], gold: str, decode) -> tuple[list[Chain], list[Chain]]:
+    """(correct, incorrect) among the chains that emitted ⊤ and closed their answer themselves."""
+    ended = [c for c in chains if c.terminated and c.answered]
+    right = [exact_match(decode(c.answer), gold) for c in ended]
+    return [c for c, r in zip(ended, right, strict=True) if r], [c for c, r in zip(ended, right, strict=True) if not r]
 
 
 class DPO(Algorithm):
@@ -87,8 +101,7 @@ class DPO(Algorithm):
             )
             for q, (i, e) in enumerate(zip(idx, exs, strict=False)):
                 group = chains[q * d.num_samples : (q + 1) * d.num_samples]
-                good = [c for c in group if c.terminated and exact_match(codec.decode(c.answer), e.answer)]
-                bad = [c for c in group if not exact_match(codec.decode(c.answer), e.answer)]
+                good, bad = split_chains(group, e.answer, codec.decode)
                 for _ in range(min(d.pairs_per_prompt, len(good), len(bad))):
                     cw, cl = good.pop(rng.randrange(len(good))), bad.pop(rng.randrange(len(bad)))
                     pairs.append(
@@ -100,8 +113,9 @@ class DPO(Algorithm):
                     )
         # Reference log-probs, once: the policy has not been updated yet, so it is the reference.
         tr.model.eval()
-        for start in range(0, len(pairs), 32):
-            chunk = pairs[start : start + 32]
+        per_pass = self.cfg.train.micro_batch_size or 32
+        for start in range(0, len(pairs), per_pass):
+            chunk = pairs[start : start + per_pass]
             logps = self._sequence_logps(chunk, grad=False)
             for k, p in enumerate(chunk):
                 p["ref_chosen"], p["ref_rejected"] = float(logps[k]), float(logps[len(chunk) + k])
@@ -112,7 +126,7 @@ class DPO(Algorithm):
             pairs = [p for part in gathered for p in part]
         return pairs
 
-    def _sequence_logps(self, pairs: list[dict[str, Any]], *, grad: bool) -> torch.Tensor:
+    def _sequence_logps(self, pairs: list[dict[str, Any]], *, grad: bool, policy=None) -> torch.Tensor:
         """Summed completion log-probs of ``[chosen...; rejected...]`` -> (2 * len(pairs),) fp32."""
         tr, codec = self.tr, self.tr.codec
         exs = [tr.train_examples[p["example"]] for p in pairs]
@@ -126,19 +140,26 @@ class DPO(Algorithm):
         targets = batch.completion.masked_fill(mask == 0, IGNORE)
 
         def head(h, w, bias):
-            hs = completion_hidden(h, batch.prompt_len, batch.T)
+            hs, w, bias = compute_dtype(completion_hidden(h, batch.prompt_len, batch.T), w, bias)
             logp = lk.fused_linear_token_logprobs(hs, w, targets, bias=bias, backend=self.cfg.model.backend)
             return lk.sequence_logprobs(logp, mask)
 
         with torch.set_grad_enabled(grad):
-            return tr.policy(batch.model_inputs(), head)
+            return (policy or tr.policy)(batch.model_inputs(), head)
 
     def next_batch(self) -> list[dict[str, Any]]:
         return [self.pairs[i] for i in self.pair_sampler.next_indices(self.cfg.train.batch_size)]
 
-    def train_step(self, pairs: list[dict[str, Any]]) -> dict[str, float]:
+    def prepare(self, pairs: list[dict[str, Any]]) -> Prepared:
+        # A micro-batch is a slice of the pairs, tokenized in loss(): 2 sequences per pair in one forward.
+        n = len(pairs)
+        mbs = [(pairs[sl], (sl.stop - sl.start) / n) for sl in chunks(n, self.cfg.train.micro_batch_size)]
+        return Prepared(mbs, {"pairs_total": float(len(self.pairs))})
+
+    def loss(self, policy, micro_batch: tuple[list[dict[str, Any]], float]):
         tr, d = self.tr, self.cfg.dpo
-        logps = self._sequence_logps(pairs, grad=True)
+        pairs, share = micro_batch  # share: this slice's fraction of the step's pairs (dpo_loss is a mean)
+        logps = self._sequence_logps(pairs, grad=True, policy=policy)
         n = len(pairs)
         ref_c = torch.tensor([p["ref_chosen"] for p in pairs], device=tr.device)
         ref_r = torch.tensor([p["ref_rejected"] for p in pairs], device=tr.device)
@@ -158,18 +179,14 @@ class DPO(Algorithm):
             label_smoothing=d.label_smoothing,
             **(lengths or {}),
         )
-        tr.backward(loss)
-        grad_norm = tr.optimizer_step()
-        return {
-            "loss": float(loss.detach()),
+        stats = {
             "reward_chosen": float(r_c.mean()),
             "reward_rejected": float(r_r.mean()),
             "reward_acc": float((r_c > r_r).float().mean()),
             "reward_margin": float((r_c - r_r).mean()),
             "logp_chosen": float(logps[:n].detach().mean()),
-            "pairs_total": float(len(self.pairs)),
-            "grad_norm": grad_norm,
         }
+        return loss * share, {k: v * share for k, v in stats.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"pairs": self.pair_sampler.state() if self.pair_sampler else None}

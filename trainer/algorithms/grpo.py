@@ -9,23 +9,41 @@ the answer and its end; the forced answer header is masked out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 import lacot_kernels as lk
 
 from ..data import Example
-from ..modeling import IGNORE, Policy, build_batch, completion_hidden
+from ..modeling import IGNORE, Batch, Policy, build_batch, completion_hidden
 from ..rewards import exact_match, format_ok
 from ..rollout import sample_chains
-from . import Algorithm
+from .base import Algorithm, Prepared, chunks, compute_dtype
+
+
+@dataclass
+class GRPOMicroBatch:
+    batch: Batch  # the micro-batch's rows, padded to the whole batch's completion length
+    targets: torch.Tensor  # (b, T) int64, IGNORE where not trained
+    old_logp: torch.Tensor  # (b, T) fp32, the policy's log-probs when the batch was sampled
+    ref_logp: torch.Tensor | None  # (b, T) fp32 when grpo.beta > 0
+    adv: torch.Tensor  # (b,) fp32
+    mask: torch.Tensor  # (b, T) fp32
+    share: float  # rows of this micro-batch / rows of the batch
+    n_tokens: float  # trained tokens of the whole batch (dapo's normalizer)
 
 
 class GRPO(Algorithm):
     progress_keys = ("reward", "acc")
 
-    def train_step(self, examples: list[Example]) -> dict[str, float]:
+    @property
+    def updates_per_batch(self) -> int:
+        return self.cfg.grpo.updates_per_batch
+
+    def prepare(self, examples: list[Example]) -> Prepared:
         tr, codec, g = self.tr, self.tr.codec, self.cfg.grpo
-        G, temp, backend = g.group_size, g.temperature, self.cfg.model.backend
+        G, temp = g.group_size, g.temperature
         prompts = [codec.prompt(e) for e in examples for _ in range(G)]
         chains = sample_chains(
             tr.model,
@@ -69,61 +87,66 @@ class GRPO(Algorithm):
                 with tr.reference() as ref:
                     ref_logp = self._logprobs(Policy(ref), batch, targets)
 
-        stats_acc: dict[str, float] = {}
-        grad_norms = []
-        slices = tr.micro_batches(len(prompts))
-        for _ in range(g.updates_per_batch):
-            for i, sl in enumerate(slices):
-                sub = build_batch(codec, prompts[sl], comps[sl], tr.device, min_t=batch.T)
-                rows = range(sl.start, sl.stop)
-
-                def head(h, w, bias, sub=sub, rows=rows):
-                    hs = completion_hidden(h, sub.prompt_len, sub.T)
-                    return lk.fused_linear_grpo_loss(
-                        hs,
-                        w,
-                        targets[rows.start : rows.stop],
-                        old_logp[rows.start : rows.stop],
-                        adv[rows.start : rows.stop],
-                        mask[rows.start : rows.stop],
-                        bias=bias,
-                        temperature=temp,
-                        ref_logp=None if ref_logp is None else ref_logp[rows.start : rows.stop],
-                        beta=g.beta,
-                        eps_low=g.eps_low,
-                        eps_high=g.eps_high or None,
-                        loss_type=g.loss_type,
-                        # dapo: every micro-batch divides by the step's token count, so their sum is the step's loss
-                        dapo_normalizer=n_tokens if g.loss_type == "dapo" else None,
-                        backend=backend,
-                    )
-
-                with tr.no_sync(i < len(slices) - 1):
-                    loss, stats = tr.policy(sub.model_inputs(), head)
-                    if g.loss_type != "dapo":  # per-batch means: weight each micro-batch by its share of the rows
-                        loss = loss * (len(rows) / len(prompts))
-                    tr.backward(loss)
-                stats_acc["loss"] = stats_acc.get("loss", 0.0) + float(loss.detach()) / g.updates_per_batch
-                for k, v in stats.items():
-                    stats_acc[k] = stats_acc.get(k, 0.0) + float(v) / (len(slices) * g.updates_per_batch)
-            grad_norms.append(tr.optimizer_step())
-
+        mbs = []
+        for sl in chunks(len(prompts), self.cfg.train.micro_batch_size):
+            mbs.append(
+                GRPOMicroBatch(
+                    batch=build_batch(codec, prompts[sl], comps[sl], tr.device, min_t=batch.T),
+                    targets=targets[sl],
+                    old_logp=old_logp[sl],
+                    ref_logp=None if ref_logp is None else ref_logp[sl],
+                    adv=adv[sl],
+                    mask=mask[sl],
+                    share=(sl.stop - sl.start) / len(prompts),
+                    n_tokens=n_tokens,
+                )
+            )
         groups = rewards.view(-1, G)
-        return {
-            **stats_acc,
-            "reward": float(rewards.mean()),
-            "acc": float(correct.mean()),
-            "format": float(fmt.mean()),
-            "frac_reward_zero_std": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "completion_tokens": n_tokens / len(prompts),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-        }
+        return Prepared(
+            mbs,
+            {
+                "reward": float(rewards.mean()),
+                "acc": float(correct.mean()),
+                "format": float(fmt.mean()),
+                "frac_reward_zero_std": float((groups.max(1).values == groups.min(1).values).float().mean()),
+                "completion_tokens": n_tokens / len(prompts),
+            },
+        )
+
+    def loss(self, policy, mb: GRPOMicroBatch):
+        g = self.cfg.grpo
+
+        def head(h, w, bias):
+            hs, w, bias = compute_dtype(completion_hidden(h, mb.batch.prompt_len, mb.batch.T), w, bias)
+            return lk.fused_linear_grpo_loss(
+                hs,
+                w,
+                mb.targets,
+                mb.old_logp,
+                mb.adv,
+                mb.mask,
+                bias=bias,
+                temperature=g.temperature,
+                ref_logp=mb.ref_logp,
+                beta=g.beta,
+                eps_low=g.eps_low,
+                eps_high=g.eps_high or None,
+                loss_type=g.loss_type,
+                # dapo: every micro-batch divides by the batch's token count, so their sum is the batch's loss
+                dapo_normalizer=mb.n_tokens if g.loss_type == "dapo" else None,
+                backend=self.cfg.model.backend,
+            )
+
+        loss, stats = policy(mb.batch.model_inputs(), head)
+        if g.loss_type != "dapo":  # per-batch means: weight each micro-batch by its share of the rows
+            loss = loss * mb.share
+        return loss, {k: float(v) * mb.share for k, v in stats.items()}
 
     def _logprobs(self, policy, batch, targets) -> torch.Tensor:
         temp, backend = self.cfg.grpo.temperature, self.cfg.model.backend
 
         def head(h, w, bias):
-            hs = completion_hidden(h, batch.prompt_len, batch.T)
+            hs, w, bias = compute_dtype(completion_hidden(h, batch.prompt_len, batch.T), w, bias)
             return lk.fused_linear_token_logprobs(hs, w, targets, bias=bias, temperature=temp, backend=backend)
 
         return policy(batch.model_inputs(), head)

@@ -22,16 +22,31 @@ Per prompt X with answer Y and reference rationale Z_ref (shared/research/lacot.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
 import lacot_kernels as lk
 
 from ..data import Example
-from ..modeling import IGNORE, build_batch
+from ..modeling import IGNORE, Batch, build_batch
 from ..rewards import lacot_log_rewards
 from ..rollout import generate
-from . import Algorithm, linear_schedule
+from .base import Algorithm, Prepared, chunks, compute_dtype, linear_schedule
+
+
+@dataclass
+class LaCoTMicroBatch:
+    batch: Batch  # accepted rows, padded to the batch's rationale length T
+    term_targets: torch.Tensor  # (b, T + 1) int64: ⊤ at every state of the row, IGNORE past its end
+    log_reward: torch.Tensor  # (b, T + 1) fp32, interpolated and tempered
+    lengths: torch.Tensor  # (b,) int64
+    normalizer: float  # the whole batch's divisor: 1 (reduction sum) or its total pair weight (mean)
+
+
+def pair_weight(n: int, decay: float) -> float:
+    """``sum_{0<=i<j<=n} decay^(j-i-1)``: the weight subtb_loss's "mean" divides by, for one row of length n."""
+    return float(sum((n - k + 1) * decay ** (k - 1) for k in range(1, n + 1)))
 
 
 class LaCoT(Algorithm):
@@ -57,7 +72,7 @@ class LaCoT(Algorithm):
             for _ in range(k)
         ]
 
-    def train_step(self, examples: list[Example]) -> dict[str, float]:
+    def prepare(self, examples: list[Example]) -> Prepared:
         tr, codec, c = self.tr, self.tr.codec, self.cfg.lacot
         backend = self.cfg.model.backend
         step = tr.step
@@ -117,37 +132,22 @@ class LaCoT(Algorithm):
         term_targets = torch.full((len(rationales), T + 1), codec.terminator_id, dtype=torch.long, device=tr.device)
         term_targets[torch.arange(T + 1, device=tr.device).unsqueeze(0) > lengths.unsqueeze(1)] = IGNORE
         rows_acc = accept.nonzero().flatten().tolist()
-        loss_total = 0.0
-        slices = tr.micro_batches(len(rows_acc))
-        for i, sl in enumerate(slices):
+        if c.reduction == "mean":  # the pooled mean of the whole batch: one divisor for every micro-batch
+            normalizer = sum(pair_weight(int(lengths[r]), c.subtb_decay) for r in rows_acc) or 1.0
+        else:
+            normalizer = 1.0
+        mbs = []
+        for sl in chunks(len(rows_acc), self.cfg.train.micro_batch_size):
             sel = rows_acc[sl]
-            sub = build_batch(codec, [prompts[r] for r in sel], [rationales[r] for r in sel], tr.device, min_t=T)
             sel_t = torch.tensor(sel, dtype=torch.long, device=tr.device)
-
-            def head(h, w, bias, sub=sub, sel_t=sel_t):
-                P = sub.prompt_len
-                log_pf = lk.fused_linear_token_logprobs(
-                    h[:, P - 1 : P - 1 + T], w, sub.completion, bias=bias, backend=backend
-                )
-                log_term = lk.fused_linear_token_logprobs(
-                    h[:, P - 1 : P + T], w, term_targets[sel_t], bias=bias, backend=backend
-                )
-                return lk.subtb_loss(
-                    log_pf, log_term, log_reward[sel_t], lengths[sel_t], decay=c.subtb_decay, reduction=c.reduction
-                )
-
-            with tr.no_sync(i < len(slices) - 1):
-                loss = tr.policy(sub.model_inputs(), head)
-                tr.backward(loss)
-            loss_total += float(loss.detach())
-        grad_norm = tr.optimizer_step()
+            sub = build_batch(codec, [prompts[r] for r in sel], [rationales[r] for r in sel], tr.device, min_t=T)
+            mbs.append(LaCoTMicroBatch(sub, term_targets[sel_t], log_reward[sel_t], lengths[sel_t], normalizer))
 
         explored_mask = torch.ones(B, group, dtype=torch.bool, device=tr.device)
         explored_mask[:, -1] = False
         explored_mask = explored_mask.flatten()
         ex_len = lengths[explored_mask].float()
-        return {
-            "loss": loss_total,
+        stats = {
             "accept": float(accept[explored_mask].float().mean()) if m else 1.0,
             "log_reward_explored": float(terminal_mean[explored_mask].mean()) if m else 0.0,
             "log_reward_reference": float(terminal_mean[~explored_mask].mean()),
@@ -157,5 +157,22 @@ class LaCoT(Algorithm):
             "reward_model_tokens": float(scores.model_tokens),
             "delta": delta,
             "reward_temp": reward_temp,
-            "grad_norm": grad_norm,
         }
+        return Prepared(mbs, stats)
+
+    def loss(self, policy, mb: LaCoTMicroBatch):
+        c, backend, T = self.cfg.lacot, self.cfg.model.backend, mb.batch.T
+
+        def head(h, w, bias):
+            P = mb.batch.prompt_len
+            h, w, bias = compute_dtype(h, w, bias)
+            log_pf = lk.fused_linear_token_logprobs(
+                h[:, P - 1 : P - 1 + T], w, mb.batch.completion, bias=bias, backend=backend
+            )
+            log_term = lk.fused_linear_token_logprobs(
+                h[:, P - 1 : P + T], w, mb.term_targets, bias=bias, backend=backend
+            )
+            per_row = lk.subtb_loss(log_pf, log_term, mb.log_reward, mb.lengths, decay=c.subtb_decay, reduction="none")
+            return per_row.sum() / mb.normalizer
+
+        return policy(mb.batch.model_inputs(), head), {}

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 import lacot_kernels as lk
 
 from ..data import Example
-from ..modeling import IGNORE, build_batch, completion_hidden
-from . import Algorithm
+from ..modeling import IGNORE, Batch, build_batch, completion_hidden
+from .base import Algorithm, Prepared, chunks, compute_dtype
+
+
+@dataclass
+class SFTMicroBatch:
+    batch: Batch
+    targets: torch.Tensor  # (b, T) int64, IGNORE where not trained
+    total_tokens: int  # trained tokens of the whole step: every micro-batch divides by it
 
 
 class SFT(Algorithm):
     needs_rationale = True
 
-    def train_step(self, examples: list[Example]) -> dict[str, float]:
+    def prepare(self, examples: list[Example]) -> Prepared:
         tr, codec = self.tr, self.tr.codec
         prompts = [codec.prompt(e) for e in examples]
         comps, masks = [], []
@@ -24,24 +35,21 @@ class SFT(Algorithm):
             comps.append(ids)
             masks.append(mask)
         total = sum(sum(m) for m in masks)  # token mean over the whole step, whatever the micro-batching
-        loss_sum = 0.0
-        slices = tr.micro_batches(len(examples))
-        for i, sl in enumerate(slices):
+        mbs = []
+        for sl in chunks(len(examples), self.cfg.train.micro_batch_size):
             batch = build_batch(codec, prompts[sl], comps[sl], tr.device)
             targets = batch.completion.clone()
             for b, m in enumerate(masks[sl]):
                 for t, keep in enumerate(m):
                     if not keep:
                         targets[b, t] = IGNORE
+            mbs.append(SFTMicroBatch(batch, targets, total))
+        return Prepared(mbs, {"tokens": float(total)})
 
-            def head(h, w, bias, batch=batch, targets=targets):
-                hs = completion_hidden(h, batch.prompt_len, batch.T)
-                return lk.fused_linear_token_logprobs(hs, w, targets, bias=bias, backend=self.cfg.model.backend)
+    def loss(self, policy, mb: SFTMicroBatch):
+        def head(h, w, bias):
+            hs, w, bias = compute_dtype(completion_hidden(h, mb.batch.prompt_len, mb.batch.T), w, bias)
+            return lk.fused_linear_token_logprobs(hs, w, mb.targets, bias=bias, backend=self.cfg.model.backend)
 
-            with tr.no_sync(i < len(slices) - 1):
-                logp = tr.policy(batch.model_inputs(), head)  # (b, T) fp32, 0 at ignored positions
-                loss = -logp.sum() / total
-                tr.backward(loss)
-            loss_sum += float(loss.detach())
-        grad_norm = tr.optimizer_step()
-        return {"loss": loss_sum, "tokens": float(total), "grad_norm": grad_norm}
+        logp = policy(mb.batch.model_inputs(), head)  # (b, T) fp32, 0 at ignored positions
+        return -logp.sum() / mb.total_tokens, {}
