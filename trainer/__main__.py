@@ -1,6 +1,7 @@
 """``lacot-train`` / ``python -m lacot_kernels.trainer``.
 
     lacot-train demo [--out DIR] [--fast] [section.key=value ...]
+    lacot-train distill [CONFIG.yaml] [section.key=value ...]
     lacot-train {sft,dpo,grpo,lacot,bin} [CONFIG.yaml] [section.key=value ...]
 
 Overrides may also be written ``--section.key=value``. Multi-process: ``torchrun --nproc_per_node=K -m
@@ -32,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         from .demo.pipeline import main as demo_main
 
         return demo_main(rest)
+    if command == "distill":
+        from .distill import main as distill_main
+
+        return distill_main(rest)
     if command not in ALGORITHMS:
         print(
-            f"unknown command {command!r}: expected demo or one of {', '.join(ALGORITHMS)}\n\n{_usage()}",
+            f"unknown command {command!r}: expected demo, distill or one of {', '.join(ALGORITHMS)}\n\n{_usage()}",
             file=sys.stderr,
         )
         return 2
