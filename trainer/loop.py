@@ -83,7 +83,7 @@ class Trainer:
 
         algo_cls = ALGORITHMS[cfg.train.algorithm]
         self.model, tokenizer, image_processor = load_model(cfg.model, self.device, trainable=algo_cls.trains)
-        self.codec = Codec(tokenizer, image_processor, cfg.format)
+        self.codec = Codec(tokenizer, image_processor, cfg.format, max_prompt_tokens=cfg.data.max_prompt_tokens)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.is_vision = image_processor is not None
         policy = Policy(self.model)
