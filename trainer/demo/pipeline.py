@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=130)
     p.add_argument("--rl-steps", type=int, default=80, help="steps of every arm after SFT (8 prompts each)")
     p.add_argument("--bin-n", type=int, default=5, help="N rationales per question for BiN / BoN / majority")
+    p.add_argument(
+        "--rank-eval-size", type=int, default=0, help="questions of the N-sample columns (0 = all; greedy: all)"
+    )
+    p.add_argument("--only-seed", type=int, default=None, help="train and evaluate this seed's arms only")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep data, models and evaluations already in --out (parallel seeds)"
+    )
     p.add_argument("--fast", action="store_true", help="a smoke run of every phase in about a minute")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
@@ -99,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1-2. data and the untrained tiny model (deterministic: rebuilt identically from the seed every run).
     t = time.perf_counter()
     data = out / "data"
-    task.write_split(data, "train", a.train_size, seed=1000 + a.seed, task=a.task)
-    task.write_split(data, "eval", a.eval_size, seed=2000 + a.seed, task=a.task)
-    base = tiny.save_base(out / "base", vision=True, seed=a.seed)
+    base = out / "base"
+    if not (a.reuse and (data / "eval.jsonl").exists() and (base / "config.json").exists()):
+        task.write_split(data, "train", a.train_size, seed=1000 + a.seed, task=a.task)
+        task.write_split(data, "eval", a.eval_size, seed=2000 + a.seed, task=a.task)
+        tiny.save_base(base, vision=True, seed=a.seed)
     lengths = _token_lengths(data / "train.jsonl", base)
     # Token budgets from the data: room for the longest reference rationale and some more.
     max_len = max(lengths) + 8
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "optim": {"lr": 2e-3, "betas": [0.9, 0.98], "weight_decay": 0.01, "warmup_steps": 30, "min_lr_ratio": 0.1},
         },
     )
-    sft = run(load_config(None, [], **sft_cfg))
+    sft = train(sft_cfg, a.reuse)
     timings["sft_s"] = time.perf_counter() - t
     sft_model = sft.final_dir
 
@@ -151,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     # train on the reference rationale, LaCoT adds sampled ones under its reward. GRPO's lr is ~30x lower: at 1e-4
     # (measured) and 5e-4 (feasibility study) the outcome-only reward let it trade the rationale for answer
     # guessing ("I see 4 4 4 4 ..."); 3e-5 is stable.
-    rl_train = {"steps": a.rl_steps, "batch_size": 8, "eval_every": max(1, a.rl_steps // 2)}
+    # In-training curves of the arms only for a single-seed run (several seeds: the final evaluation says it all).
+    curves = a.seeds == 1 and a.only_seed is None
+    rl_train = {"steps": a.rl_steps, "batch_size": 8, "eval_every": max(1, a.rl_steps // 2) if curves else 0}
     arm_cfg = {
         "continued SFT": {"train": {"algorithm": "sft"}, "optim": {"lr": 1e-4}},
         "GRPO": {
@@ -173,20 +185,20 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
     }
+    seeds = [a.only_seed] if a.only_seed is not None else list(range(a.seeds))
     runs: dict[str, list[Any]] = {arm: [] for arm in ARMS}
-    for s in range(a.seeds):
+    for s in seeds:
         for arm in ARMS:
             t = time.perf_counter()
             name = f"{arm.lower().replace(' ', '_')}/seed{s}"
             cfg = _merge(mapping(name, sft_model, a.seed + s), {"optim": {"schedule": "constant", "warmup_steps": 0}})
             cfg = _merge(cfg, {"train": rl_train})
             cfg = _merge(cfg, arm_cfg[arm])
-            runs[arm].append(run(load_config(None, [], **cfg)))
+            runs[arm].append(train(cfg, a.reuse))
             key = f"{arm.lower().replace(' ', '_')}_s"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
     # 5. The same held-out questions and sampling seeds for every model; π_Φ (the SFT model) writes the answers.
-    from ..algorithms.bin import bin_evaluate
     from ..config import Config
     from ..data import load_examples
     from ..modeling import Codec, load_model
@@ -197,35 +209,36 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     sft_net, tok, ip = load_model(cfg.model, device, path=str(sft_model), trainable=False)
     codec = Codec(tok, ip, cfg.format)
-    models = [("SFT", 0, sft_model)] + [(arm, s, r.final_dir) for arm in ARMS for s, r in enumerate(runs[arm])]
+    models = [(arm, s, r) for arm in ARMS for s, r in zip(seeds, runs[arm], strict=True)]
+    if a.only_seed in (None, 0):  # parallel seed processes: the SFT model is evaluated once, by seed 0's
+        models.insert(0, ("SFT", 0, sft))
+    rank_size = a.rank_eval_size or len(examples)
+    settings_key = {"eval_size": len(examples), "rank_eval_size": rank_size, "bin_n": a.bin_n, "max_len": max_len}
     per_model: list[dict[str, Any]] = []
-    for i, (arm, s, path) in enumerate(models):
+    for i, (arm, s, r) in enumerate(models):
+        cache = Path(r.out_dir) / "demo_eval.json"
+        if a.reuse and cache.exists() and json.loads(cache.read_text())["settings"] == settings_key:
+            per_model.append({"arm": arm, "seed": s, **json.loads(cache.read_text())["result"]})
+            continue
         if not a.quiet:
             print(f"[eval {i + 1}/{len(models)}] {arm} seed {s}: {len(examples)} questions", file=sys.stderr)
         seed_all(a.seed + 12345 + s)
-        model = sft_net if arm == "SFT" else load_model(cfg.model, device, path=str(path), trainable=False)[0]
+        model = sft_net if arm == "SFT" else load_model(cfg.model, device, path=str(r.final_dir), trainable=False)[0]
         te = time.perf_counter()
-        res = bin_evaluate(
-            model,
-            codec,
-            examples,
-            n=a.bin_n,
-            temperature=0.7,
-            max_rationale_tokens=max_len,
-            max_answer_tokens=4,
-            batch_questions=20,
-            answer_model=sft_net,
-            progress=not a.quiet,
-        )
-        per_model.append({"arm": arm, "seed": s, **res, "eval_s": time.perf_counter() - te})
+        res = evaluate(model, sft_net, codec, examples, rank_size, a.bin_n, max_len, progress=not a.quiet)
+        res["eval_s"] = time.perf_counter() - te
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings_key, "result": res}))
+        os.replace(tmp, cache)
+        per_model.append({"arm": arm, "seed": s, **res})
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     # 6. report.
-    summary = summarize(per_model, len(examples))
+    summary = summarize(per_model, len(examples), rank_size)
     records: list[dict[str, Any]] = [{"phase": "sft", **r} for r in read_metrics(sft.out_dir / "metrics.jsonl")]
     for arm in ARMS:
-        for s, r in enumerate(runs[arm]):
+        for s, r in zip(seeds, runs[arm], strict=True):
             records += [{"phase": arm, "seed": s, **m} for m in read_metrics(r.out_dir / "metrics.jsonl")]
     records += [{"phase": "eval", **r} for r in per_model]
     records.append({"phase": "timings", **timings})
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         [(label.replace("pass@N", f"pass@{a.bin_n}"), key) for label, key in METHODS],
     )
-    table = format_table(summary, a, len(examples), timings)
+    table = format_table(summary, a, len(examples), rank_size, timings)
     (out / "table.txt").write_text(table + "\n")
     settings = {k: v for k, v in vars(a).items()}
     settings.update(max_new_tokens=max_len, lacot_min_new_tokens=min_new)
@@ -255,7 +268,60 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarize(per_model: list[dict[str, Any]], n_questions: int) -> dict[str, dict[str, tuple[float, float]]]:
+@dataclass
+class Trained:
+    out_dir: Path
+    final_dir: Path
+
+
+def train(mapping: dict[str, Any], reuse: bool) -> Trained:
+    """One training run; with ``reuse``, a run whose final model and metrics exist is kept as it is."""
+    out_dir = Path(mapping["train"]["out_dir"])
+    if reuse and (out_dir / "final" / "config.json").exists() and (out_dir / "metrics.jsonl").exists():
+        return Trained(out_dir, out_dir / "final")
+    res = run(load_config(None, [], **mapping))
+    return Trained(res.out_dir, res.final_dir)
+
+
+def evaluate(model, answer_model, codec, examples, rank_size: int, n: int, max_len: int, *, progress: bool) -> dict:
+    """Greedy accuracy on every question; the N-sample columns (BiN etc.) on the first ``rank_size`` of them."""
+    from ..algorithms.bin import bin_evaluate
+    from ..rewards import exact_match
+    from ..rollout import sample_chains
+
+    head = examples[:rank_size]
+    res = bin_evaluate(
+        model,
+        codec,
+        head,
+        n=n,
+        temperature=0.7,
+        max_rationale_tokens=max_len,
+        max_answer_tokens=4,
+        batch_questions=20,
+        answer_model=answer_model,
+        progress=progress,
+    )
+    correct = res["greedy"] * len(head)
+    rest = examples[rank_size:]
+    for i in range(0, len(rest), 100):
+        chunk = rest[i : i + 100]
+        chains = sample_chains(
+            model,
+            codec,
+            [codec.prompt(e) for e in chunk],
+            max_rationale_tokens=max_len,
+            max_answer_tokens=4,
+            rationale_temperature=None,
+        )
+        correct += sum(exact_match(codec.decode(c.answer), e.answer) for c, e in zip(chains, chunk, strict=True))
+    res["greedy"] = correct / len(examples)
+    return res
+
+
+def summarize(
+    per_model: list[dict[str, Any]], n_questions: int, rank_size: int
+) -> dict[str, dict[str, tuple[float, float]]]:
     """arm -> metric -> (mean, standard error). Several seeds: the standard error of the mean over seeds; one
     model: the binomial standard error over the questions (sqrt(p (1 - p) / n))."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
@@ -271,13 +337,14 @@ def summarize(per_model: list[dict[str, Any]], n_questions: int) -> dict[str, di
                 var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
                 se = math.sqrt(var / len(xs))
             else:
-                se = math.sqrt(max(mean * (1 - mean), 0.0) / max(1, n_questions))
+                n = n_questions if key == "greedy" else rank_size
+                se = math.sqrt(max(mean * (1 - mean), 0.0) / max(1, n))
             out[arm][key] = (mean, se)
         out[arm]["seeds"] = (float(len(rows)), 0.0)
     return out
 
 
-def format_table(summary, a: argparse.Namespace, n_questions: int, timings: dict[str, float]) -> str:
+def format_table(summary, a: argparse.Namespace, n_questions: int, rank_size: int, timings: dict[str, float]) -> str:
     n = a.bin_n
     names = [label.replace("pass@N", f"pass@{n}") for label, _ in METHODS]
     head = f"{'model':<15}{'seeds':>6}" + "".join(f" {name:>12}" for name in names)
@@ -285,7 +352,9 @@ def format_table(summary, a: argparse.Namespace, n_questions: int, timings: dict
         f"\nHeld-out accuracy (%) on {n_questions} questions, task {a.task!r} (chance 20%), mean ± standard error.",
         f"Arms: {a.rl_steps} steps x 8 prompts from the same SFT checkpoint; s.e. over seeds "
         "(over questions for a single model).",
-        f"sample = mean accuracy of single rationales at T = 0.7; the next four rank the same N = {n} samples;",
+        f"sample = mean accuracy of single rationales at T = 0.7; the next four rank the same N = {n} samples"
+        + (f" (these five columns: the first {rank_size} questions)" if rank_size < n_questions else "")
+        + ";",
         "answers after sampled rationales are written by the SFT model (π_Φ); greedy = the model alone.",
         head,
         "-" * len(head),
