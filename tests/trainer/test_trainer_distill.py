@@ -329,3 +329,11 @@ def test_config_errors_name_the_key(override, match):
     base = ["teacher.path=x", "data.input_file=a.jsonl", "data.output_file=b.jsonl"]
     with pytest.raises(ValueError, match=match):
         load_distill_config(None, [*base, override])
+
+
+def test_shipped_distill_config_loads():
+    import lacot_kernels.trainer as trainer_pkg
+
+    path = Path(trainer_pkg.__file__).parent / "configs" / "distill.yaml"
+    cfg = load_distill_config(path, ["teacher.model=gpt-4o", "data.input_file=a.jsonl", "data.output_file=b.jsonl"])
+    assert cfg.teacher.kind == "openai" and "{question}" in cfg.teacher.prompt and cfg.sampling.num_samples == 4
