@@ -7,7 +7,7 @@
 4. three arms from that one SFT checkpoint, each with the same prompts per step, the same steps, and ``--seeds``
    seeds: **continued SFT** (the control: the same extra supervised signal, no sampling), **GRPO** and
    **LaCoT**;
-5. every model on the same held-out questions (default 500; the README's table: 1000 with ``--seeds 3``): greedy,
+5. every model on the same held-out questions (default 300; the README's table: 1000 with ``--seeds 3``): greedy,
    the mean single-sample accuracy, majority vote, Best-of-N (official: the answer's own likelihood; and the
    joint rationale + answer one), BiN and pass@N over N sampled rationales, with π_Φ (the SFT model) writing the
    answers, as LaCoT's evaluation;
@@ -58,7 +58,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, see above)")
     p.add_argument("--task", choices=task.TASKS, default="paths")
     p.add_argument("--train-size", type=int, default=3000)
-    p.add_argument("--eval-size", type=int, default=500, help="held-out questions of the final table")
+    p.add_argument("--eval-size", type=int, default=300, help="held-out questions of the final table")
     p.add_argument("--curve-eval-size", type=int, default=200, help="held-out questions of the in-training curves")
     p.add_argument("--sft-steps", type=int, default=130)
     p.add_argument("--rl-steps", type=int, default=80, help="steps of every arm after SFT (8 prompts each)")
