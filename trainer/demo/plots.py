@@ -67,9 +67,13 @@ def plot_demo(
     for arm, runs in arm_histories.items():
         for i, h in enumerate(runs):
             xs, ys = series(h, "eval/greedy_acc")
+            if not xs:
+                continue
             ax.plot(xs, [100 * y for y in ys], color=ARM_COLOURS.get(arm), lw=1.2, marker="o", ms=3,
                     alpha=0.8, label=arm if i == 0 else None)  # fmt: skip
     ax.set(title="after SFT: held-out greedy accuracy (each seed)", xlabel="step (8 prompts)", ylabel="accuracy (%)")
+    if not ax.lines:  # several seeds: the arms skip in-training evaluation (the final table has it)
+        ax.text(0.5, 0.5, "in-training curves: single-seed runs only", ha="center", transform=ax.transAxes)
     ax.set_ylim(0, 100)
 
     def per_seed(ax, arm: str, key: str, label: str, title: str, ylabel: str) -> None:
