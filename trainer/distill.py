@@ -323,7 +323,7 @@ class EndpointTeacher:
         t = self.cfg.teacher
         return f"openai:{t.model}@{t.base_url or 'default'}"
 
-    def sample_row(self, row: Example) -> list[Reply]:
+    def sample_row(self, row: Example, index: int = 0) -> list[Reply]:
         s = self.cfg.sampling
         text = self.cfg.teacher.prompt.format(question=row.question)
         url = _image_data_url(row)
@@ -341,7 +341,7 @@ class EndpointTeacher:
             temperature=s.temperature,
             top_p=s.top_p,
             max_tokens=s.max_new_tokens,
-            seed=s.seed,
+            seed=s.seed + index,  # per row: rows with the same text (other images) must not share samples
         )
         texts = [(c.message.content or "").strip() for c in resp.choices]
         if len(texts) != s.num_samples:
@@ -481,17 +481,16 @@ def run(cfg: DistillConfig) -> DistillResult:
         from tqdm import tqdm
 
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="distill", unit="row", file=sys.stderr)
-    tried_now = 0
+    totals = {"kept": sum(r["kept"] for r in out.done.values()), "tried": sum(r["tried"] for r in out.done.values())}
 
     def finish(i: int, replies: list[Reply]) -> None:
-        nonlocal tried_now
-        out.write_row(i, _records(cfg, name, i, examples[i], replies, out), tried=len(replies))
-        tried_now += len(replies)
+        records = _records(cfg, name, i, examples[i], replies, out)
+        out.write_row(i, records, tried=len(replies))
+        totals["kept"] += len(records)
+        totals["tried"] += len(replies)
         if bar is not None:
-            kept = sum(r["kept"] for r in out.done.values())
-            tried = sum(r["tried"] for r in out.done.values())
             bar.update(1)
-            bar.set_postfix(kept=f"{kept}/{tried}")
+            bar.set_postfix(kept=f"{totals['kept']}/{totals['tried']}")
 
     if isinstance(teacher, LocalTeacher):
         import torch
@@ -530,7 +529,7 @@ def _run_concurrent(teacher: EndpointTeacher, examples: list[Example], todo: Ite
                 i = next(it, None)
                 if i is None:
                     break
-                pending[pool.submit(teacher.sample_row, examples[i])] = i
+                pending[pool.submit(teacher.sample_row, examples[i], i)] = i
             if not pending:
                 return
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
