@@ -559,6 +559,9 @@ def _summary(out: Output, rows: int) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """The ``distill`` subcommand."""
+    if argv and argv[0] in ("-h", "--help"):
+        print((__doc__ or "").strip())
+        return 0
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
         cfg = load_distill_config(path, argv[1:] if path else argv)

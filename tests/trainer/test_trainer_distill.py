@@ -337,3 +337,11 @@ def test_shipped_distill_config_loads():
     path = Path(trainer_pkg.__file__).parent / "configs" / "distill.yaml"
     cfg = load_distill_config(path, ["teacher.model=gpt-4o", "data.input_file=a.jsonl", "data.output_file=b.jsonl"])
     assert cfg.teacher.kind == "openai" and "{question}" in cfg.teacher.prompt and cfg.sampling.num_samples == 4
+
+
+def test_cli_help_and_bad_override(capsys):
+    from lacot_kernels.trainer.__main__ import main
+
+    assert main(["distill", "--help"]) == 0 and "teacher.kind=openai" in capsys.readouterr().out
+    assert main(["distill", "teacher.kind=http", "data.input_file=a.jsonl", "data.output_file=b.jsonl"]) == 2
+    assert "teacher.kind" in capsys.readouterr().err
