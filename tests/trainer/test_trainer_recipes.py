@@ -4,6 +4,7 @@ tower, a missing BiN reference, prompt truncation, and the SFT mix of CoT and di
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -258,3 +259,27 @@ def test_sft_with_ratio_zero_keeps_rationales(text_model_dir, text_data, tmp_pat
         tokens[ratio] = run(cfg).history[-1]["tokens"]
     n_answer = 4 * (1 + 2)  # 4 rows x (⊤ + answer digit + end) at ratio 1
     assert tokens[1.0] == pytest.approx(n_answer, abs=4) and tokens[0.0] > 4 * tokens[1.0]
+
+
+# ---- the demo task ------------------------------------------------------------------------------------------
+
+
+def test_paths_task_has_two_reasoning_paths_to_one_answer():
+    from lacot_kernels.trainer.demo import task
+
+    rng = random.Random(0)
+    samples = [task.draw_sample(rng, task="paths") for _ in range(400)]
+    firsts = {s.rationale.split()[3] for s in samples}
+    assert firsts == {"red", "blue"}  # "I see 2 red and ..." / "I see 3 blue and ..."
+    for s in samples:
+        a, b = (int(x) for x in s.rationale.split(". ")[1].split(" = ")[0].split(" + "))
+        assert a + b == int(s.answer) == s.red + s.blue
+    # The count task's data is unchanged by the paths variant (same draws, same single wording).
+    rng1, rng2 = random.Random(5), random.Random(5)
+    for _ in range(50):
+        s = task.draw_sample(rng1, task="count")
+        red, blue = rng2.randint(0, 4), rng2.randint(0, 4)
+        assert (s.red, s.blue, s.cells, s.blue_first) == (red, blue, tuple(rng2.sample(range(49), red + blue)), False)
+        assert s.rationale == f"I see {red} red and {blue} blue. {red} + {blue} = {red + blue}."
+    with pytest.raises(ValueError, match="task must be one of"):
+        task.draw_sample(rng1, task="nope")
