@@ -1,7 +1,7 @@
 """``lacot-train`` / ``python -m lacot_kernels.trainer``: one command per algorithm, plus ``demo``.
 
     lacot-train demo [--out DIR] [--fast]                       # the embedded end-to-end job (offline)
-    lacot-train {sft,dpo,grpo,lacot,bin} [--config NAME|FILE] [section.key=value | --section.key VALUE ...]
+    lacot-train {sft,dpo,grpo,lacot,bin,distill} [--config NAME|FILE] [section.key=value | --section.key VALUE ...]
     lacot-train CMD --help                                      # every option with its default and meaning
     torchrun --nproc_per_node=K -m lacot_kernels.trainer CMD --config FILE train.strategy=fsdp
 
@@ -58,6 +58,12 @@ for _name, _help in _ALGORITHM_HELP.items():
         "lacot_kernels.trainer.loop:run",
         {"train": {"algorithm": _name}},
     )
+register(
+    "distill",
+    "a teacher writes rationales; the ones whose final answer matches become SFT data",
+    "lacot_kernels.trainer.distill:DistillConfig",
+    "lacot_kernels.trainer.distill:run_cli",
+)
 
 
 def _load(path: str) -> Any:

@@ -28,6 +28,7 @@ class LoraConfig:
     alpha: int = 16  # scale of the LoRA update: alpha / r
     dropout: float = 0.0  # dropout on the LoRA input
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    vision: bool = False  # also adapt matching modules of the vision tower (official LaCoT: `visual*` excluded)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class DataConfig:
     rationale_field: str = "rationale"  # row field holding the reference rationale
     image_field: str = "image"  # a path (relative to the data file or image_root), bytes, or {"bytes","path"}
     image_root: str = ""  # folder that relative image paths are resolved against (default: the data file's folder)
-    max_prompt_tokens: int = 2048  # prompts longer than this many tokens are an error
+    max_prompt_tokens: int = 2048  # longer prompts: question text cut from the left (image and template kept)
+    direct_answer_ratio: float = 0.0  # SFT: P(a row with a rationale is trained as a direct answer at a step)
     shuffle: bool = True  # reshuffle the rows every epoch (the order is a function of the seed)
 
 
@@ -177,6 +179,7 @@ class BiNConfig:
     temperature: float = 0.7  # sampling temperature of the N rationales
     reduce: str = "mean"  # mean (official) | logmeanexp (the paper's marginal likelihood)
     scorer: str = "policy"  # policy (q_θ, official code) | reference (π_Φ, the paper)
+    answers: str = "reference"  # who answers after each rationale: reference (π_Φ = model.ref_path, LaCoT) | policy
 
 
 @dataclass
@@ -223,6 +226,8 @@ class Config:
         need(self.model.dtype in dtypes, "model.dtype", " | ".join(dtypes), self.model.dtype)
         need(self.model.backend in ("auto", "cuda", "triton", "torch"), "model.backend", "auto|cuda|triton|torch", None)
         need(self.model.lora.r >= 0, "model.lora.r", ">= 0", self.model.lora.r)
+        need(0.0 <= self.data.direct_answer_ratio <= 1.0, "data.direct_answer_ratio", "in [0, 1]", None)
+        need(self.data.max_prompt_tokens >= 0, "data.max_prompt_tokens", ">= 0 (0 = no limit)", None)
         need(self.grpo.group_size >= 2, "grpo.group_size", ">= 2", self.grpo.group_size)
         need(self.grpo.updates_per_batch >= 1, "grpo.updates_per_batch", ">= 1", self.grpo.updates_per_batch)
         need(self.grpo.scale in ("group", "batch", "none"), "grpo.scale", "group | batch | none", self.grpo.scale)
@@ -247,6 +252,7 @@ class Config:
         need(self.bin.num_samples >= 1, "bin.num_samples", ">= 1", self.bin.num_samples)
         need(self.bin.reduce in ("mean", "logmeanexp"), "bin.reduce", "mean | logmeanexp", self.bin.reduce)
         need(self.bin.scorer in ("policy", "reference"), "bin.scorer", "policy | reference", self.bin.scorer)
+        need(self.bin.answers in ("policy", "reference"), "bin.answers", "policy | reference", self.bin.answers)
         return self
 
     def to_dict(self) -> dict[str, Any]:

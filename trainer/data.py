@@ -158,6 +158,28 @@ def load_examples(file: str | Path, cfg: DataConfig, *, need_rationale: bool, li
     return out
 
 
+def direct_answer_mix(examples: list[Example], ratio: float, *, seed: int, step: int) -> list[Example]:
+    """The SFT mix of chain-of-thought and direct answers (LLaVA-Reasoner trains on both forms of its questions).
+
+    A row without a rationale is always a direct answer. A row with one is trained as a direct answer (its
+    rationale dropped) with probability ``ratio``, drawn per (seed, step, position in the batch), so a resumed
+    run draws the same mix. ``ratio`` = 0.5 gives about as many direct as CoT examples, the proportion of the
+    LLaVA-Reasoner SFT data (193k CoT rows of 404k).
+    """
+    if ratio <= 0.0:
+        return examples
+    import dataclasses
+    import random
+
+    rng = random.Random(seed * 1_000_003 + step * 7919 + 101)
+    out = []
+    for e in examples:
+        if e.rationale is not None and rng.random() < ratio:
+            e = dataclasses.replace(e, rationale=None)
+        out.append(e)
+    return out
+
+
 class Sampler:
     """Deterministic, resumable order over a dataset: epoch e is a permutation seeded by (seed, e).
 

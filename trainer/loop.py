@@ -140,7 +140,7 @@ class Trainer:
         self.model, tokenizer, image_processor = _load(
             self.model_cfg, self.device, "model.path", trainable=algo_cls.trains
         )
-        self.codec = Codec(tokenizer, image_processor, cfg.format)
+        self.codec = Codec(tokenizer, image_processor, cfg.format, max_prompt_tokens=cfg.data.max_prompt_tokens)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.is_vision = image_processor is not None
         self.fsdp = self.world > 1 and algo_cls.trains and cfg.train.strategy == "fsdp"

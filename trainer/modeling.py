@@ -74,13 +74,11 @@ def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = Non
             from peft import LoraConfig as PeftLora
             from peft import get_peft_model
 
+            targets = lora_target_names(model, cfg.lora.target_modules, vision=cfg.lora.vision)
             model = get_peft_model(
                 model,
                 PeftLora(
-                    r=cfg.lora.r,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=list(cfg.lora.target_modules),
+                    r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets
                 ),
             )
         if cfg.gradient_checkpointing:
@@ -89,6 +87,29 @@ def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = Non
         model.requires_grad_(False)
     model.train(trainable)
     return model, tokenizer, image_processor
+
+
+def lora_target_names(model: nn.Module, targets: list[str], *, vision: bool = False) -> list[str]:
+    """Full names of the modules LoRA adapts: those whose last name component is in ``targets``, outside the
+    vision tower unless ``vision``.
+
+    Qwen2.5-VL's vision blocks have ``gate_proj`` / ``up_proj`` / ``down_proj`` MLPs too, so a plain name list
+    would put adapters on the image encoder; the official LaCoT code excludes every ``visual*`` module. The
+    explicit list (not peft's suffix matching) makes the choice visible and testable.
+    """
+    wanted = set(targets)
+    names = []
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] not in wanted:
+            continue
+        if not vision and any(p.startswith("visual") or p == "vision_tower" for p in parts):
+            continue
+        names.append(name)
+    if not names:
+        where = "" if vision else " outside the vision tower"
+        raise ValueError(f"model.lora.target_modules: {list(targets)} match no module of the model{where}")
+    return names
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -133,8 +154,10 @@ class Prompt:
 class Codec:
     """Tokenizer + image processor + chat format -> token ids of X, Z, ⊤ and Y."""
 
-    def __init__(self, tokenizer, image_processor, fmt: FormatConfig):
+    def __init__(self, tokenizer, image_processor, fmt: FormatConfig, *, max_prompt_tokens: int = 0):
         self.tok, self.image_processor, self.fmt = tokenizer, image_processor, fmt
+        self.max_prompt_tokens = max_prompt_tokens  # 0 = no limit (data.max_prompt_tokens in the trainer)
+        self.truncated_prompts = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.terminator_id = self._single(fmt.terminator, "format.terminator")
         self.answer_end_id = self._single(fmt.answer_end, "format.answer_end")
@@ -168,7 +191,37 @@ class Codec:
             n = int(grid.prod()) // (self.merge**2)
             image_text = self.fmt.image.format(image_pad=self.fmt.image_pad * n)
         text = self.fmt.system + self.fmt.user.format(image=image_text, question=ex.question)
-        return Prompt(self.text(text + self.fmt.rationale_header), pixel_values, grid)
+        ids = self.text(text + self.fmt.rationale_header)
+        if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+            ids = self._truncated_prompt(ex, image_text, len(ids))
+        return Prompt(ids, pixel_values, grid)
+
+    def _truncated_prompt(self, ex: Example, image_text: str, length: int) -> list[int]:
+        """Cut the question text from the left to fit ``max_prompt_tokens``.
+
+        The end of a long question (where the actual question usually follows its context) is kept; the image
+        tokens and the chat template are never cut (a partial image would not match its pixels), so a prompt that
+        does not fit even with an empty question is an error naming the row.
+        """
+        before, _, after = self.fmt.user.partition("{question}")
+        head = self.text(self.fmt.system + before.format(image=image_text))
+        tail = self.text(after.format(image=image_text) + self.fmt.rationale_header)
+        budget = self.max_prompt_tokens - len(head) - len(tail)
+        if budget < 1:
+            raise ValueError(
+                f"{ex.where}: the prompt is {length} tokens and data.max_prompt_tokens={self.max_prompt_tokens}, "
+                f"but the image and chat template alone take {len(head) + len(tail)}: raise data.max_prompt_tokens"
+            )
+        if self.truncated_prompts == 0:
+            import warnings
+
+            warnings.warn(
+                f"{ex.where}: prompt of {length} tokens cut to data.max_prompt_tokens={self.max_prompt_tokens} "
+                "(question text cut from the left); later cuts are counted in Codec.truncated_prompts",
+                stacklevel=3,
+            )
+        self.truncated_prompts += 1
+        return head + self.text(ex.question)[-budget:] + tail
 
     def rationale(self, ex: Example) -> list[int]:
         if ex.rationale is None:

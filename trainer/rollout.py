@@ -104,11 +104,13 @@ def sample_chains(
     answer_temperature: float | list[float] | None = None,
     min_new_tokens: int = 0,
     rationales: list[list[int]] | None = None,
+    answer_model: torch.nn.Module | None = None,
 ) -> list[Chain]:
     """Two phases, one row per prompt: sample Z until ⊤ (unless ``rationales`` are given), then Y after ⊤ header.
 
     A rationale that hits the token budget without ⊤ still gets an answer (after a forced ⊤), and is marked
-    ``terminated=False`` so rewards can tell.
+    ``terminated=False`` so rewards can tell. ``answer_model`` writes the answers (default: ``model``); LaCoT's
+    BiN has the SFT model π_Φ answer after the policy's rationales.
     """
     if rationales is None:
         phase1 = generate(
@@ -124,7 +126,7 @@ def sample_chains(
         phase1 = [(list(r), True) for r in rationales]
     forced = [[*z, codec.terminator_id, *codec.answer_header_ids] for z, _ in phase1]
     phase2 = generate(
-        model,
+        answer_model if answer_model is not None else model,
         codec,
         prompts,
         max_new_tokens=max_answer_tokens,

@@ -79,16 +79,18 @@ def test_bin_evaluation_runs(kind, scorer, tmp_path, request):
     data = request.getfixturevalue(f"{kind}_data")
     # scorer=reference: candidates scored by another model (here the untrained base, as π_Φ would be the SFT model)
     ref = str(request.getfixturevalue(f"{kind}_model_dir")) if scorer == "reference" else ""
+    answers = "reference" if ref else "policy"  # π_Φ answers need model.ref_path
     cfg = make_cfg(
-        start, data, tmp_path / "bin", "bin", bin={"num_samples": 3, "scorer": scorer}, model={"ref_path": ref}
-    )
+        start, data, tmp_path / "bin", "bin", bin={"num_samples": 3, "scorer": scorer, "answers": answers},
+        model={"ref_path": ref},
+    )  # fmt: skip
     result = run(cfg)
     (rec,) = result.history
     vals = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("bin/")}
-    assert set(vals) == {"greedy", "majority", "bon", "bin", "pass@n", "sample_mean"}
+    assert set(vals) == {"greedy", "majority", "bon", "bon_joint", "bin", "pass@n", "sample_mean"}
     assert all(0.0 <= v <= 1.0 for v in vals.values())
     # Every ranking picks one of the sampled answers, so none can beat "some sample is right".
-    for k in ("majority", "bon", "bin", "sample_mean"):
+    for k in ("majority", "bon", "bon_joint", "bin", "sample_mean"):
         assert vals[k] <= vals["pass@n"] + 1e-9
 
 
@@ -123,10 +125,10 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
 
     assert main(["--fast", "--quiet", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    for name in ("SFT", "SFT -> GRPO", "SFT -> LaCoT"):
+    for name in ("SFT", "continued SFT", "GRPO", "LaCoT", "files written"):
         assert name in out
     phases = {json.loads(line)["phase"] for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()}
-    assert phases == {"sft", "grpo", "lacot", "eval", "timings"}
+    assert phases == {"sft", "continued SFT", "GRPO", "LaCoT", "eval", "timings"}
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
 
 

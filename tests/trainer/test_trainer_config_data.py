@@ -147,6 +147,7 @@ def test_shipped_configs_load():
     import lacot_kernels.trainer as trainer_pkg
 
     configs = sorted((Path(trainer_pkg.__file__).parent / "configs").glob("*.yaml"))
+    configs = [p for p in configs if p.stem != "distill"]  # distill.yaml: see test_trainer_distill.py
     assert {p.stem for p in configs} == {"sft", "dpo", "grpo", "lacot", "bin"}
     for p in configs:
         cfg = load_config(p, [f"train.algorithm={p.stem}"])

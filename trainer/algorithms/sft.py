@@ -1,4 +1,7 @@
-"""SFT: token cross-entropy on rationale + ⊤ + answer tokens (never the prompt or the forced answer header)."""
+"""SFT: token cross-entropy on rationale + ⊤ + answer tokens (never the prompt or the forced answer header).
+
+A row without a rationale (and a CoT row drawn by ``data.direct_answer_ratio``) trains the direct answer: an
+empty rationale, i.e. ⊤ right after the prompt, then the answer."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 
 import lacot_kernels as lk
 
-from ..data import Example
+from ..data import Example, direct_answer_mix
 from ..modeling import IGNORE, Batch, build_batch, completion_hidden
 from .base import Algorithm, Prepared, chunks, compute_dtype
 
@@ -21,16 +24,21 @@ class SFTMicroBatch:
 
 
 class SFT(Algorithm):
-    needs_rationale = True
+    needs_rationale = False  # rows without one are direct answers
+
+    def next_batch(self) -> list[Example]:
+        batch = self.tr.next_examples()
+        return direct_answer_mix(batch, self.cfg.data.direct_answer_ratio, seed=self.cfg.train.seed, step=self.tr.step)
 
     def prepare(self, examples: list[Example]) -> Prepared:
         tr, codec = self.tr, self.tr.codec
         prompts = [codec.prompt(e) for e in examples]
         comps, masks = [], []
         for e in examples:
-            ids, mask = codec.chain(codec.rationale(e), codec.answer(e.answer))
+            rationale = codec.rationale(e) if e.rationale is not None else []
+            ids, mask = codec.chain(rationale, codec.answer(e.answer))
             if not self.cfg.sft.train_rationale:
-                n = len(codec.rationale(e)) + 1
+                n = len(rationale) + 1
                 mask = [0] * n + mask[n:]
             comps.append(ids)
             masks.append(mask)

@@ -1,9 +1,15 @@
-"""The embedded visual reasoning task: count red and blue squares, with a programmatic reference rationale.
+"""The embedded visual reasoning tasks: count coloured squares, with a programmatic reference rationale.
 
-56 x 56 images (4 merged Qwen2-VL image tokens), 0..4 red and 0..4 blue 6 x 6 squares in distinct cells of a
-7 x 7 grid of 8-pixel cells. The background is the CLIP normalisation mean: a background that normalises to
-~0 leaves the squares as the only signal (on white, the tiny model never learned to look; see
-shared/research/demo_feasibility.md). Chance (always answering the most frequent total, 4) is 20%.
+56 x 56 images (4 merged Qwen2-VL image tokens), 6 x 6 squares in distinct cells of a 7 x 7 grid of 8-pixel
+cells. The background is the CLIP normalisation mean: a background that normalises to ~0 leaves the squares as
+the only signal (on white, the tiny model never learned to look; see shared/research/demo_feasibility.md).
+
+* ``count``: 0..4 red and 0..4 blue squares, one rationale form ("I see 2 red and 3 blue. 2 + 3 = 5.").
+  Chance (always answering the most frequent total, 4) is 20%.
+* ``paths``: the same images; the reference rationale counts the colours in either order, drawn per example
+  ("I see 3 blue and 2 red. 3 + 2 = 5." or "I see 2 red and 3 blue. 2 + 3 = 5."), so two reasoning paths lead to
+  one answer and a sampled rationale can take the path the reference did not (a three-colour version, 0..3 of
+  each, stayed near chance after the demo's SFT budget: 26.5% greedy). Chance is 20%.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ SQUARE = 6
 BACKGROUND = (123, 117, 104)  # ~ CLIP mean * 255: normalises to ~0
 RED = (230, 40, 40)
 BLUE = (40, 90, 235)
+TASKS = ("count", "paths")
 QUESTION = "How many squares are there?"
 
 
@@ -29,6 +36,7 @@ class Sample:
     red: int
     blue: int
     cells: tuple[int, ...]  # grid cells of the red squares first, then the blue ones
+    blue_first: bool = False  # ``paths``: the rationale counts blue, then red
 
     @property
     def answer(self) -> str:
@@ -36,14 +44,18 @@ class Sample:
 
     @property
     def rationale(self) -> str:
+        if self.blue_first:
+            return f"I see {self.blue} blue and {self.red} red. {self.blue} + {self.red} = {self.red + self.blue}."
         return f"I see {self.red} red and {self.blue} blue. {self.red} + {self.blue} = {self.red + self.blue}."
 
 
-def draw_sample(rng: random.Random, max_per_colour: int = 4) -> Sample:
-    red, blue = rng.randint(0, max_per_colour), rng.randint(0, max_per_colour)
+def draw_sample(rng: random.Random, max_per_colour: int = 4, task: str = "count") -> Sample:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     grid = SIZE // CELL
+    red, blue = rng.randint(0, max_per_colour), rng.randint(0, max_per_colour)
     cells = tuple(rng.sample(range(grid * grid), red + blue))
-    return Sample(red, blue, cells)
+    return Sample(red, blue, cells, blue_first=task == "paths" and rng.random() < 0.5)
 
 
 def render(sample: Sample) -> Image.Image:
@@ -59,7 +71,7 @@ def render(sample: Sample) -> Image.Image:
     return img
 
 
-def write_split(out_dir: Path, name: str, n: int, seed: int) -> Path:
+def write_split(out_dir: Path, name: str, n: int, seed: int, task: str = "count") -> Path:
     """Write ``<name>.jsonl`` (question, answer, rationale, image path relative to the file) + PNG images."""
     rng = random.Random(seed)
     img_dir = out_dir / f"{name}_images"
@@ -67,7 +79,7 @@ def write_split(out_dir: Path, name: str, n: int, seed: int) -> Path:
     path = out_dir / f"{name}.jsonl"
     with path.open("w") as f:
         for i in range(n):
-            s = draw_sample(rng)
+            s = draw_sample(rng, task=task)
             rel = f"{name}_images/{i:06d}.png"
             render(s).save(out_dir / rel)
             row = {"image": rel, "question": QUESTION, "answer": s.answer, "rationale": s.rationale}
@@ -85,4 +97,5 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     for r in range(5):
         for b in range(5):
             out.append(Sample(r, b, ()).rationale)
+            out.append(Sample(r, b, (), blue_first=True).rationale)
     return out
