@@ -234,9 +234,9 @@ def group_advantages(
     """TRL's GRPO advantages ``(r - nanmean_g) / (nanstd + eps)`` in `dtype`, same shape as `rewards`.
 
     ``scale``: "group" (std of the group), "batch" (std of every reward, mean still per group), "none" (no
-    division). NaN rewards are left out of every mean and std and get advantage 0. A std over fewer than two
-    rewards (unbiased) is 0, and a zero denominator (eps = 0, equal rewards) gives advantage 0. Differentiable;
-    where the std is 0 its (sub)gradient is taken as 0.
+    division). NaN rewards are left out of every mean and std and get advantage 0; a group of equal rewards gets
+    exactly 0. A std over fewer than two rewards (unbiased) is 0, and a zero denominator (eps = 0, equal rewards)
+    gives advantage 0. Differentiable; where the std is 0 its (sub)gradient is taken as 0.
     """
     r = rewards.to(dtype).reshape(-1, group_size)
     valid = ~torch.isnan(r)
@@ -245,6 +245,10 @@ def group_advantages(
     def centred(x, ok, dim):
         n = ok.sum(dim, keepdim=True).to(dtype)
         mean = torch.where(ok, x, zero).sum(dim, keepdim=True) / n.clamp(min=1)
+        # The exact mean lies in [min, max]: keeping the rounded one there makes equal rewards centre to exactly 0.
+        lo = torch.where(ok, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(ok, x, -torch.inf).amax(dim, keepdim=True)
+        mean = torch.where(n > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
         return torch.where(ok, x - mean, zero), n
 
     def std(c, n, dim):

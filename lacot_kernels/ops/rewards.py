@@ -23,8 +23,6 @@ sums are segmented scans (exact sums, no difference of prefix sums).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks, _registry
@@ -61,12 +59,23 @@ def _tile(ptr, rows, row_ok, c0, G, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
 def _group_mean(r_ptr, rows, row_ok, G, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     s = tl.zeros([BLOCK_R], ACC)
     cnt = tl.zeros([BLOCK_R], ACC)
+    lo = tl.zeros([BLOCK_R], ACC) + float("inf")
+    hi = tl.zeros([BLOCK_R], ACC) - float("inf")
     for c0 in range(0, G, BLOCK_C):
         x, _, _ = _tile(r_ptr, rows, row_ok, c0, G, ACC, BLOCK_C)
         ok = x == x  # NaN rewards (and the masked lanes, loaded as NaN) are left out
         s += tl.sum(tl.where(ok, x, 0.0), 1)
         cnt += tl.sum(tl.where(ok, 1.0, 0.0), 1)
-    return s / tl.maximum(cnt, 1.0), cnt
+        lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), 1))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, x, -float("inf")), 1))
+    return _clamp_mean(s / tl.maximum(cnt, 1.0), cnt, lo, hi), cnt
+
+
+@jit
+def _clamp_mean(mean, cnt, lo, hi):
+    # The rounded mean is kept inside [min, max] of the values it averages, as the exact mean is: a group of
+    # equal rewards then has mean exactly their value, hence advantages exactly 0 (not rounding noise / std).
+    return tl.where(cnt > 0.0, tl.minimum(tl.maximum(mean, lo), hi), mean)
 
 
 @jit
@@ -91,12 +100,17 @@ def _batch_moments(r_ptr, n_groups, G, ACC: tl.constexpr, UNBIASED: tl.constexpr
     # Mean, std and k of every reward of the batch (two passes over it, tile by tile).
     s = tl.sum(tl.zeros([BLOCK_R], ACC), 0)
     cnt = s
+    lo = s + float("inf")
+    hi = s - float("inf")
     for g0 in range(0, n_groups, BLOCK_R):
         rows = g0 + tl.arange(0, BLOCK_R)
         gm, gc = _group_mean(r_ptr, rows, rows < n_groups, G, ACC, BLOCK_R, BLOCK_C)
         s += tl.sum(gm * gc, 0)
         cnt += tl.sum(gc, 0)
-    mean = s / tl.maximum(cnt, 1.0)
+        # The batch mean is a weighted mean of the group means: it lies in [min, max] of them.
+        lo = tl.minimum(lo, tl.min(tl.where(gc > 0.0, gm, float("inf")), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(gc > 0.0, gm, -float("inf")), 0))
+    mean = _clamp_mean(s / tl.maximum(cnt, 1.0), cnt, lo, hi)
     m2 = tl.sum(tl.zeros([BLOCK_R], ACC), 0)
     for g0 in range(0, n_groups, BLOCK_R):
         rows = g0 + tl.arange(0, BLOCK_R)
@@ -399,6 +413,10 @@ def _moments_torch(x: torch.Tensor, unbiased: bool, dim: int):
     ok = ~torch.isnan(x)
     cnt = ok.sum(dim, keepdim=True).to(x.dtype)
     mean = torch.where(ok, x, 0.0).sum(dim, keepdim=True) / cnt.clamp(min=1.0)
+    # Kept inside [min, max] of the values, as the exact mean is: equal rewards give a mean of exactly their value.
+    lo = torch.where(ok, x, float("inf")).amin(dim, keepdim=True)
+    hi = torch.where(ok, x, -float("inf")).amax(dim, keepdim=True)
+    mean = torch.where(cnt > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
     c = torch.where(ok, x - mean, 0.0)
     k = cnt - 1.0 if unbiased else cnt
     std = torch.where(k > 0, ((c * c).sum(dim, keepdim=True) / k.clamp(min=1.0)).sqrt(), 0.0)
@@ -638,11 +656,7 @@ def group_advantages(
         )
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0.0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    eps = _checks.check_float("eps", eps, low=0.0)
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if backend not in _registry.BACKENDS:
@@ -687,10 +701,8 @@ def interpolate_rewards(values: torch.Tensor, anchor_mask: torch.Tensor, *, back
     S = values.shape[-1]
     v = values.reshape(-1, S)
     m = anchor_mask.reshape(-1, S)
-    if S > 1 and v.stride(-1) != 1:
-        v = v.contiguous()
-    if S > 1 and m.stride(-1) != 1:
-        m = m.contiguous()
+    v = _checks.unit_stride_rows(v)
+    m = _checks.unit_stride_rows(m)
     return torch.ops.lacot.interpolate_rewards(v, m, backend).view(values.shape)
 
 

@@ -405,9 +405,7 @@ def token_logprobs(
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
 
     lead = logits.shape[:-1]
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _checks.unit_stride_rows(logits.reshape(-1, V))
     t = targets.reshape(-1).to(torch.int64).contiguous()
     logp, entropy, _ = torch.ops.lacot.token_logprobs(x, t, temperature, ignore_index, bool(return_entropy), backend)
     if return_entropy:
