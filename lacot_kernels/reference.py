@@ -246,9 +246,10 @@ def group_advantages(
         n = ok.sum(dim, keepdim=True).to(dtype)
         mean = torch.where(ok, x, zero).sum(dim, keepdim=True) / n.clamp(min=1)
         # The exact mean lies in [min, max]: keeping the rounded one there makes equal rewards centre to exactly 0.
-        lo = torch.where(ok, x, torch.inf).amin(dim, keepdim=True)
-        hi = torch.where(ok, x, -torch.inf).amax(dim, keepdim=True)
-        mean = torch.where(n > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
+        if x.numel():
+            lo = torch.where(ok, x, torch.inf).amin(dim, keepdim=True)
+            hi = torch.where(ok, x, -torch.inf).amax(dim, keepdim=True)
+            mean = torch.where(n > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
         return torch.where(ok, x - mean, zero), n
 
     def std(c, n, dim):
@@ -301,7 +302,9 @@ def interpolate_rewards(
     """
     M = interpolation_matrix(anchor_mask, dtype)
     v = torch.where(anchor_mask, values.to(dtype), torch.zeros((), dtype=dtype, device=values.device))
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
+    # Only the nonzero weights take part (not M @ v): a NaN anchor then reaches the positions it brackets only.
+    terms = M * v.unsqueeze(-2)
+    return torch.where(M != 0, terms, torch.zeros((), dtype=dtype, device=values.device)).sum(-1)
 
 
 def reward_anchors(lengths: torch.Tensor, stride: int, *, min_len: int = 0, max_len: int) -> torch.Tensor:

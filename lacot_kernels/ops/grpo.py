@@ -70,8 +70,9 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
         d = ref - lp
         e = tl.exp(d)
         kl = e - d - 1.0
-        loss += beta * kl
-        dloss += beta * (1.0 - e)
+        # beta = 0 (KL only reported): adding 0 * kl would turn a kl that overflows fp32 (inf) into a NaN loss.
+        loss += tl.where(beta != 0.0, beta * kl, 0.0)
+        dloss += tl.where(beta != 0.0, beta * (1.0 - e), 0.0)
     else:
         kl = tl.zeros_like(lp)
     return loss, dloss, kl, low, high
@@ -258,8 +259,9 @@ def _grpo_token_torch(lp, old, ref, adv, beta, lo, hi):
         d = ref - lp
         e = d.exp()
         kl = e - d - 1.0
-        loss = loss + beta * kl
-        dloss = dloss + beta * (1.0 - e)
+        if beta != 0.0:  # with beta = 0 a kl that overflows fp32 (inf) must not make the loss 0 * inf = NaN
+            loss = loss + beta * kl
+            dloss = dloss + beta * (1.0 - e)
     else:
         kl = torch.zeros_like(lp)
     return loss, dloss, kl, low, high

@@ -23,6 +23,8 @@ sums are segmented scans (exact sums, no difference of prefix sums).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks, _registry
@@ -699,8 +701,10 @@ def interpolate_rewards(values: torch.Tensor, anchor_mask: torch.Tensor, *, back
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
     S = values.shape[-1]
-    v = values.reshape(-1, S)
-    m = anchor_mask.reshape(-1, S)
+    # Explicit row count: with S = 0 a reshape to (-1, 0) is ambiguous.
+    rows = values.numel() // S if S else math.prod(values.shape[:-1])
+    v = values.reshape(rows, S)
+    m = anchor_mask.reshape(rows, S)
     v = _checks.unit_stride_rows(v)
     m = _checks.unit_stride_rows(m)
     return torch.ops.lacot.interpolate_rewards(v, m, backend).view(values.shape)
