@@ -95,7 +95,8 @@ def grpo_loss(
     if ref_logp is not None:
         ref = ref_logp.to(dtype)
         kl = torch.exp(ref - lp) - (ref - lp) - 1
-        per_token_loss = per_token_loss + beta * kl
+        if beta != 0.0:  # TRL adds the KL term only then (0 * an overflowing kl would be NaN)
+            per_token_loss = per_token_loss + beta * kl
         stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
     B, T = lp.shape
     if loss_type == "grpo":

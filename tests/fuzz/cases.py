@@ -360,12 +360,13 @@ def _flt_oracle(c):
         t_ent = t_ent + 2 * e_row / T * (1 + _softmax_terms(logits / T)[2]) * (c["targets"] != ig)
         # dlogits G (N, V) and its tolerance: the token tolerance plus the logits error moving p (p |de| / T).
         p = torch.softmax(logits / T, -1) if V else logits
-        G = torch.zeros_like(logits)
         valid = c["targets"] != ig
         gl = torch.where(valid, c["g1"], 0.0)
-        G = -gl[:, None] * p
-        G[valid, c["targets"][valid].long()] += gl[valid]
-        G = G / T
+    with torch.enable_grad():  # the full dlogits (log-prob and entropy terms) of the reference
+        zl = leaf(logits)
+        lp2, ent2 = R.token_logprobs(zl, c["targets"], temperature=T, ignore_index=ig)
+        G = torch.autograd.grad((lp2 * c["g1"]).sum() + (ent2 * g2).sum(), zl)[0] if zl.numel() else zl.detach()
+    with torch.no_grad():
         t_G = t_G / T + (gl.abs() + g2.abs() * 4)[:, None] * p * (2 * e_row[:, None] / T) / T
         # The dlogits tile is stored in the input dtype before its two GEMMs: one rounding of G (u_in |G|).
         t_G = t_G + 2 * unit(c["hidden"].dtype) * G.abs() + tiny(c["hidden"].dtype)
@@ -457,8 +458,12 @@ def _grpo_tols(lp, old, ref, adv, m, kw, dtype_out):
     a = adv[:, None]
     t_ratio = C * U32 * (dr.abs() + 2) * r  # |err r|
     amb = ((r - lo).abs() <= t_ratio) | ((r - hi).abs() <= t_ratio)  # the clip flags may flip here
-    t_tok = t_ratio * a.abs() + C * U32 * (r * a).abs()
-    dl_scale = (r * a).abs()
+    clipped = ((r < lo) & (a < 0)) | ((r > hi) & (a > 0))
+    rc = r.clamp(lo, hi)
+    # The chosen branch of the min: clip(r) A (error of one product) or r A (r's error times |A|).
+    t_tok = torch.where(clipped, C * U32 * (rc * a).abs(), t_ratio * a.abs() + C * U32 * (r * a).abs())
+    dl_scale = torch.where(clipped, z, (r * a).abs())
+    surr = torch.where(clipped, (rc * a).abs(), (r * a).abs())
     if ref is not None:
         d = torch.where(on, ref, z) - lp0
         ek = torch.exp(d)
@@ -481,12 +486,12 @@ def _grpo_tols(lp, old, ref, adv, m, kw, dtype_out):
     w = cb[:, None] * m.abs()
     # Sums of B*T terms in fp32: relative C u (B + T) of the sum of magnitudes, on top of each term's own error.
     sum_err = C * U32 * (B + T + 2)
-    mag_tok = (r * a).abs() * (1 + (hi if hi > 1 else 1)) + kw["beta"] * (t_kl / (C * U32))
+    mag_tok = surr + kw["beta"] * (t_kl / (C * U32))
     tol_loss = torch.where(on, w * (t_tok + sum_err * mag_tok), z).sum()
     denom = m.sum().clamp(min=1.0)
     tol_kl = torch.where(on, m.abs() * (t_kl + sum_err * t_kl / (C * U32)), z).sum() / denom
     tol_clip = torch.where(on & amb, m.abs(), z).sum() / denom + sum_err
-    t_g = w * (C * U32 * (dl_scale * (dr.abs() + 3)) + t_dl + torch.where(amb, dl_scale, z))
+    t_g = w * (C * U32 * (dl_scale * (dr.abs() + 3)) + t_dl + torch.where(amb, (r * a).abs(), z))
     return tol_loss, tol_kl, tol_clip, torch.where(on, t_g, z)
 
 
@@ -592,6 +597,7 @@ def _fgrpo_oracle(c):
             )[0],
             torch.where(on, lpd, z),
         )  # fmt: skip
+        lt_grad = _clipped_grad_fix(lt_grad, lpd, old, ref, adv, m, c)
         tol_loss = tol_loss + (lt_grad.abs() * t_lp).sum()
         r = torch.exp(torch.where(on, lpd - old, z))
         lo = 1 - c["kw"]["eps_low"]
@@ -603,7 +609,6 @@ def _fgrpo_oracle(c):
             d = torch.where(on, ref - lpd, z)
             tol_kl = tol_kl + torch.where(on, m.abs() * (torch.exp(d) + 1) * t_lp, z).sum() / denom
         # dlogits G = g_t (onehot - p) / T with g_t = dloss/dlogp_t: its error from g_t's and from p's.
-        lt_grad = _clipped_grad_fix(lt_grad, lpd, old, ref, adv, m, c)
         gt = lt_grad.reshape(-1)
         p = torch.softmax(zt, -1) if V else zt
         t_gt = (t_g + torch.where(amb, lt_grad.abs(), z)).reshape(-1)
