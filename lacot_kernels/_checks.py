@@ -40,9 +40,10 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
             )
 
 
-# The smallest temperature accepted: the smallest normal float32 (2**-126), so that 1 / temperature (which the
-# kernels multiply by, in fp32) is finite. Below it 1 / T overflows to inf and every log-prob would be NaN.
-MIN_TEMPERATURE = 2.0**-126
+# The smallest temperature accepted, 2**-64 (~5.4e-20). The kernels multiply by 1 / T in fp32, and the logits
+# gradient scales as 1 / T: below ~2**-126 1 / T itself overflows (all-NaN log-probs), and well before that the
+# gradient of an O(1) upstream gradient leaves the fp32 range. 2**-64 keeps 1 / T (1.8e19) and g / T far inside it.
+MIN_TEMPERATURE = 2.0**-64
 
 
 def check_float(
@@ -75,11 +76,12 @@ def check_float(
 
 
 def check_temperature(temperature: object) -> float:
-    """A finite temperature >= MIN_TEMPERATURE (2**-126: 1 / temperature stays finite in float32)."""
+    """A finite temperature >= MIN_TEMPERATURE (2**-64: 1 / temperature and the gradients stay inside fp32)."""
     t = check_float("temperature", temperature, low=0.0, low_open=True)
     if t < MIN_TEMPERATURE:
         raise ValueError(
-            f"temperature must be >= {MIN_TEMPERATURE!r} (2**-126, so that 1 / temperature is finite in float32), "
+            f"temperature must be >= {MIN_TEMPERATURE!r} (2**-64, so that 1 / temperature and the gradients, which "
+            "scale as 1 / temperature, stay inside the float32 range), "
             f"got {temperature!r}"
         )
     return t

@@ -270,6 +270,10 @@ def group_advantages(
         raise ValueError(f"unknown scale {scale!r}")
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     adv = torch.where(denom > 0, c / safe, zero)
+    # An infinite reward poisons (NaN) its group, or with scale "batch" the whole batch.
+    inf = torch.isinf(r)
+    bad = inf.any().expand(r.shape) if scale == "batch" else inf.any(-1, keepdim=True).expand(r.shape)
+    adv = torch.where(bad, torch.full((), torch.nan, dtype=dtype, device=r.device), adv)
     return adv.reshape(rewards.shape)
 
 

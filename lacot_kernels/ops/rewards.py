@@ -530,10 +530,26 @@ INTERP_BWD = {
 # ----------------------------------------------------------------------------------------------------------------
 # Registered ops: lacot::group_advantages, lacot::interpolate_rewards (+ backward ops), fakes, autograd
 # ----------------------------------------------------------------------------------------------------------------
+def _poison_infinite(out, rewards, group_size, scale):
+    """An infinite reward makes its group's results NaN ("batch": every result, since the batch std sees it).
+
+    Left to IEEE arithmetic, inf - inf inside the (compensated, or plain) sums gives NaN or +-inf or 0 depending
+    on the summation order of each backend; this makes the answer one and the same. Three small elementwise /
+    reduction launches, no host sync."""
+    if rewards.numel() == 0:
+        return out
+    inf = torch.isinf(rewards)
+    if scale == "batch":
+        bad = inf.any().expand(rewards.shape)
+    else:
+        bad = inf.view(-1, group_size).any(1, keepdim=True).expand(-1, group_size).reshape(rewards.shape)
+    return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+
+
 @torch.library.register_kernel("lacot::group_advantages", ("cpu", "cuda"))
 def _group_advantages_impl(rewards, group_size, scale, eps, unbiased, backend):
     name = _registry.resolve_backend(backend, rewards.device, native_op=NATIVE_ADV)
-    return ADV_FWD[name](rewards, group_size, scale, eps, unbiased)
+    return _poison_infinite(ADV_FWD[name](rewards, group_size, scale, eps, unbiased), rewards, group_size, scale)
 
 
 @torch.library.register_fake("lacot::group_advantages")
@@ -544,7 +560,7 @@ def _group_advantages_fake(rewards, group_size, scale, eps, unbiased, backend):
 @torch.library.register_kernel("lacot::group_advantages_backward", ("cpu", "cuda"))
 def _group_advantages_backward_impl(grad, rewards, group_size, scale, eps, unbiased, backend):
     name = _registry.resolve_backend(backend, rewards.device, native_op=NATIVE_ADV)
-    return ADV_BWD[name](grad, rewards, group_size, scale, eps, unbiased)
+    return _poison_infinite(ADV_BWD[name](grad, rewards, group_size, scale, eps, unbiased), rewards, group_size, scale)
 
 
 @torch.library.register_fake("lacot::group_advantages_backward")
@@ -635,8 +651,9 @@ def group_advantages(
 
     Returns:
         advantages with the shape of ``rewards``, float32 (float64 for float64 rewards). A group of equal
-        rewards, a group of size 1 and a zero denominator (``eps=0``) give exactly 0. Differentiable with
-        respect to ``rewards`` (the std's subgradient at 0 is taken as 0). One kernel launch, no host sync
+        rewards, a group of size 1 and a zero denominator (``eps=0``) give exactly 0. An infinite reward makes
+        its group's advantages NaN (every advantage with ``scale="batch"``). Differentiable with
+        respect to ``rewards`` (the std's subgradient at 0 is taken as 0). One kernel launch (plus an isinf check), no host sync
         (``"batch"`` runs as a single program, since every advantage needs the batch std).
     """
     _checks.check_tensor("rewards", rewards)

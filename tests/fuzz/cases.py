@@ -120,8 +120,8 @@ def scale_of(rng: random.Random) -> float:
 
 def temperature_of(rng: random.Random) -> float:
     r = rng.random()
-    if r < 0.1:  # extreme: from the smallest accepted (2**-126) to huge
-        return rng.choice((lk._checks.MIN_TEMPERATURE, 1e-30, 1e-6, 1e6, 1e30))
+    if r < 0.1:  # extreme: from the smallest accepted (2**-64) to huge
+        return rng.choice((lk._checks.MIN_TEMPERATURE, 1e-12, 1e-6, 1e6, 1e30))
     if r < 0.4:
         return 1.0
     return math.exp(rng.uniform(math.log(0.05), math.log(20.0)))
@@ -262,6 +262,11 @@ def _tlp_tols(z, targets, ignore_index, g1, g2, inv_t_err=0.0):
     eps_v = C * U32 * (A + d.abs()) + e
     tol_g = p * eps_v * (g1.abs()[..., None] + g2.abs()[..., None] * (1 + (logp_all + ent[..., None]).abs()))
     tol_g = tol_g + g2.abs()[..., None] * p * tol_ent[..., None] + C * U32 * (g1.abs() + g2.abs())[..., None] * p
+    # The target's own term g1 / T (one rounding of 1 / T), which may cancel against g1 p_y / T.
+    onehot = torch.zeros_like(p)
+    if p.numel():
+        onehot.scatter_(-1, safe[..., None], 1.0)
+    tol_g = tol_g + C * U32 * g1.abs()[..., None] * onehot
     # Probabilities below the fp32 normal range (2**-126) may be flushed to zero (GPUs) or lose precision.
     tol_g = tol_g + C * FTZ * (g1.abs()[..., None] + g2.abs()[..., None] * (1 + (logp_all + ent[..., None]).abs()))
     zero = torch.zeros((), dtype=F64)
@@ -699,6 +704,7 @@ def _adv_make(rng, dtype):
     r = r.to(dtype)
     if rng.random() < 0.25 and r.numel():  # missing rewards
         r = torch.where(torch.rand(r.shape, generator=g) < 0.25, math.nan, r)
+    r = inject(rng, g, r, (math.inf, -math.inf))  # an infinite reward: NaN for its group (batch: for all)
     flat = rng.random() < 0.5
     return dict(
         rewards=layout(rng, r.reshape(-1) if flat else r),
@@ -762,6 +768,8 @@ def _adv_oracle(c):
         tol = torch.where(ok, tol, z).reshape(c["rewards"].shape)
         t_g = torch.where(ok, t_g, z).reshape(c["rewards"].shape)
     acc = F64 if c["rewards"].dtype == F64 else torch.float32
+    with torch.no_grad():  # the gradient of a poisoned group is NaN too (the reference's where() would give 0)
+        grad = torch.where(torch.isnan(a.detach()), math.nan, grad)
     return dict(adv=(a, tol, acc), grad=(grad, t_g, c["rewards"].dtype))
 
 

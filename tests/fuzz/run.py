@@ -32,7 +32,9 @@ def main() -> int:
     ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     ap.add_argument("--backends", default="", help="comma-separated backends (default: all of each op)")
     ap.add_argument("--seed", default="0")
-    ap.add_argument("--time-limit", type=float, default=0.0, help="stop each (op, backend) after this many s")
+    ap.add_argument(
+        "--time-limit", type=float, default=0.0, help="time budget per (op, backend) in s, split over dtypes"
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # the Triton interpreter warns on masked-out lanes holding inf / NaN
 
@@ -55,14 +57,14 @@ def main() -> int:
                 print(f"{name:29s} {backend:7s} {'-':9s} backend not available here: NOT RUN")
                 continue
             per = math.ceil(args.cases / len(op.dtypes))
-            t0 = time.time()
             for dtype in op.dtypes:
+                t0 = time.time()
                 dname = str(dtype).replace("torch.", "")
                 n = bad = errs = 0
                 worst, worst_detail = 0.0, ""
                 t1 = time.time()
                 for i in range(per):
-                    if args.time_limit and time.time() - t0 > args.time_limit:
+                    if args.time_limit and time.time() - t0 > args.time_limit / len(op.dtypes):
                         break
                     key = f"{args.seed}/{name}/{backend}/{dtype}/{i}"
                     try:
@@ -70,12 +72,14 @@ def main() -> int:
                     except Exception as exc:  # a crash is a failure too
                         errs += 1
                         failures.append(f"{key}: {type(exc).__name__}: {exc}"[:400])
+                        print("FAIL", failures[-1], flush=True)
                         n += 1
                         continue
                     n += 1
                     if not v.ratio <= 1.0:
                         bad += 1
                         failures.append(f"{key}: {v.detail}")
+                        print("FAIL", failures[-1], flush=True)
                     if not v.ratio <= worst:
                         worst, worst_detail = v.ratio, v.detail
                 rows.append((name, backend, dname, n, bad, errs, worst))
@@ -88,7 +92,7 @@ def main() -> int:
     print("-" * len(header))
     print(f"{total} cases in {time.time() - t_all:.0f} s, {nbad} mismatches or errors (torch {torch.__version__})")
     for f in failures[:50]:
-        print("FAIL", f)
+        print("FAILED", f)
     return 1 if nbad else 0
 
 
