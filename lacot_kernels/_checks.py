@@ -67,9 +67,9 @@ def check_float(
     if not math.isfinite(v) or not lo_ok or not hi_ok:
         parts = []
         if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {low}")
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
         if high is not None:
-            parts.append(f"{'<' if high_open else '<='} {high}")
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
         rng = " and ".join(parts)
         raise ValueError(f"{name} must be finite{' and ' + rng if rng else ''}, got {value}")
     return v

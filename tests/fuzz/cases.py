@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -857,7 +857,11 @@ def _subtb_oracle(c):
         for b in range(B):
             n = int(c["lengths"][b])
             pf, lt, lr = (x.detach()[b] for x in ins)
-            A = (pf[:n].abs().sum() + 2 * (lt[: n + 1].abs() + lr[: n + 1].abs()).sum()) if n else torch.zeros((), dtype=F64)
+            A = (
+                (pf[:n].abs().sum() + 2 * (lt[: n + 1].abs() + lr[: n + 1].abs()).sum())
+                if n
+                else torch.zeros((), dtype=F64)
+            )
             gap = torch.arange(n + 1)[None, :] - torch.arange(n + 1)[:, None]
             W = torch.where(gap >= 1, c["decay"] ** (gap - 1).clamp(min=0).double(), 0.0).sum()
             lb = loss.detach()[b]
@@ -945,7 +949,9 @@ def _dpo_oracle(c):
     slope = 2.0 * d_ipo
     tol_loss = (slope * e).sum() / B + C * U32 * loss.detach().abs() * 4
     dt = c["xs"][0].dtype
-    tol_g = (C * U32 * (4 + slope * beta * beta * mag) * (1 + grads[0].detach().abs())) * (1 + (d_ipo if isinstance(d_ipo, float) else 0))
+    tol_g = (C * U32 * (4 + slope * beta * beta * mag) * (1 + grads[0].detach().abs())) * (
+        1 + (d_ipo if isinstance(d_ipo, float) else 0)
+    )
     tol_r = C * U32 * beta * (c["xs"][0].double().abs() + c["xs"][2].double().abs())
     tol_rr = C * U32 * beta * (c["xs"][1].double().abs() + c["xs"][3].double().abs())
     return dict(
@@ -1024,9 +1030,7 @@ OPS: dict[str, Op] = {
     "fused_linear_token_logprobs": Op("fused_linear_token_logprobs", NATIVE, _flt_make, _flt_run, _flt_oracle),
     "grpo_loss": Op("grpo_loss", ("triton", "torch"), _grpo_make, _grpo_run, _grpo_oracle),
     "fused_linear_grpo_loss": Op("fused_linear_grpo_loss", NATIVE, _fgrpo_make, _fgrpo_run, _fgrpo_oracle),
-    "group_advantages": Op(
-        "group_advantages", NATIVE, _adv_make, _adv_run, _adv_oracle, DTYPES + (F64,)
-    ),
+    "group_advantages": Op("group_advantages", NATIVE, _adv_make, _adv_run, _adv_oracle, DTYPES + (F64,)),
     "interpolate_rewards": Op(
         "interpolate_rewards", NATIVE, _interp_make, _interp_run, _interp_oracle, DTYPES + (F64,)
     ),
