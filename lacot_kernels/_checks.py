@@ -67,9 +67,9 @@ def check_float(
     if not math.isfinite(v) or not lo_ok or not hi_ok:
         parts = []
         if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {low:g}")
+            parts.append(f"{'>' if low_open else '>='} {low}")
         if high is not None:
-            parts.append(f"{'<' if high_open else '<='} {high:g}")
+            parts.append(f"{'<' if high_open else '<='} {high}")
         rng = " and ".join(parts)
         raise ValueError(f"{name} must be finite{' and ' + rng if rng else ''}, got {value}")
     return v
@@ -77,7 +77,7 @@ def check_float(
 
 def check_temperature(temperature: object) -> float:
     """A finite temperature >= MIN_TEMPERATURE (2**-64: 1 / temperature and the gradients stay inside fp32)."""
-    t = check_float("temperature", temperature, low=0.0, low_open=True)
+    t = check_float("temperature", temperature, low=0, low_open=True)
     if t < MIN_TEMPERATURE:
         raise ValueError(
             f"temperature must be >= {MIN_TEMPERATURE!r} (2**-64, so that 1 / temperature and the gradients, which "

@@ -129,7 +129,7 @@ def dpo_loss(
     )
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    beta = _checks.check_float("beta", beta, low=0.0, low_open=True)
+    beta = _checks.check_float("beta", beta, low=0, low_open=True)
     eps = _checks.check_float("label_smoothing", label_smoothing)
     if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5] for loss_type='sigmoid', got {label_smoothing}")

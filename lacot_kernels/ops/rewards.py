@@ -675,7 +675,7 @@ def group_advantages(
         )
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    eps = _checks.check_float("eps", eps, low=0.0)
+    eps = _checks.check_float("eps", eps, low=0)
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if backend not in _registry.BACKENDS:

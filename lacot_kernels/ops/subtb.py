@@ -548,7 +548,7 @@ def subtb_loss(
             raise ValueError(f"{name} must have shape (B, T + 1) = {(B, T + 1)}, got {tuple(x.shape)}")
     if tuple(lengths.shape) != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
-    decay = _checks.check_float("decay", decay, low=0.0)
+    decay = _checks.check_float("decay", decay, low=0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in _registry.BACKENDS:

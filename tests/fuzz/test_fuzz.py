@@ -32,7 +32,7 @@ PROFILE = os.environ.get("LACOT_FUZZ_PROFILE", "ci")
 
 # Examples per (op, backend, dtype) under the ci profile. The Triton interpreter runs a kernel in Python, about
 # 10-100x slower than the other backends: it gets fewer (the whole suite adds ~2-3 minutes on 2 cores).
-CI_EXAMPLES = {"triton": 6, "cuda": 12, "torch": 12}
+CI_EXAMPLES = {"triton": 8, "cuda": 20, "torch": 20}
 CI_SLOW = {"fused_linear_grpo_loss": 0.5, "fused_linear_token_logprobs": 0.5}
 
 
