@@ -376,7 +376,8 @@ def _flt_oracle(c):
     with torch.no_grad():
         t_G = t_G / T + (gl.abs() + g2.abs() * 4)[:, None] * p * (2 * e_row[:, None] / T) / T
         # The dlogits tile is stored in the input dtype before its two GEMMs: one rounding of G (u_in |G|).
-        t_G = t_G + 2 * unit(c["hidden"].dtype) * G.abs() + tiny(c["hidden"].dtype)
+        # ... and each entry may be flushed below 2**-126 (FTZ) before the GEMMs.
+        t_G = t_G + 2 * unit(c["hidden"].dtype) * G.abs() + tiny(c["hidden"].dtype) + C * FTZ
         res = dict(
             logp=(lp, t_lp, torch.float32),
             d_hidden=(grads[0], t_G @ wd.abs() + C * U32 * (V + 1) * (G.abs() @ wd.abs()), c["hidden"].dtype),
@@ -475,8 +476,11 @@ def _grpo_tols(lp, old, ref, adv, m, kw, dtype_out):
         d = torch.where(on, ref, z) - lp0
         ek = torch.exp(d)
         t_kl = C * U32 * (ek + d.abs() + 1) * (d.abs() + 2)
-        t_tok = t_tok + kw["beta"] * t_kl
-        t_dl = C * U32 * kw["beta"] * ek * (d.abs() + 2)
+        if kw["beta"] != 0:  # (the op adds no KL term at beta = 0, so an overflowing kl costs nothing there)
+            t_tok = t_tok + kw["beta"] * t_kl
+            t_dl = C * U32 * kw["beta"] * (ek * (d.abs() + 2) + (1 - ek).abs())
+        else:
+            t_dl = torch.zeros_like(lp)
     else:
         t_kl = torch.zeros_like(lp)
         t_dl = torch.zeros_like(lp)
@@ -493,11 +497,17 @@ def _grpo_tols(lp, old, ref, adv, m, kw, dtype_out):
     w = cb[:, None] * m.abs()
     # Sums of B*T terms in fp32: relative C u (B + T) of the sum of magnitudes, on top of each term's own error.
     sum_err = C * U32 * (B + T + 2)
-    mag_tok = surr + kw["beta"] * (t_kl / (C * U32))
+    mag_tok = surr + (kw["beta"] * (t_kl / (C * U32)) if kw["beta"] != 0 else 0.0)
     tol_loss = torch.where(on, w * (t_tok + sum_err * mag_tok), z).sum()
     denom = m.sum().clamp(min=1.0)
     tol_kl = torch.where(on, m.abs() * (t_kl + sum_err * t_kl / (C * U32)), z).sum() / denom
     tol_clip = torch.where(on & amb, m.abs(), z).sum() / denom + sum_err
+    # Sums whose terms add up beyond the fp32 range may overflow (inf) even when the result would fit.
+    fmax = torch.finfo(torch.float32).max / 4
+    if float(torch.where(on, m.abs() * mag_tok, z).sum()) > fmax or float(torch.where(on, w * mag_tok, z).sum()) > fmax:
+        tol_loss = torch.tensor(math.inf, dtype=F64)
+    if ref is not None and float(torch.where(on, m.abs() * t_kl / (C * U32), z).sum()) > fmax:
+        tol_kl = torch.tensor(math.inf, dtype=F64)
     t_r = torch.where(clipped, z, C * U32 * (dl_scale * (dr.abs() + 3)))  # (not 0 * inf where r = inf is clipped)
     t_g = w * (t_r + t_dl + torch.where(amb, (r * a).abs(), z))
     return tol_loss, tol_kl, tol_clip, torch.where(on, t_g, z)
@@ -630,7 +640,7 @@ def _fgrpo_oracle(c):
         t_p = p * (C * U32 * (V + 1 + (zt - zt.amax(-1, keepdim=True)).abs()) + 2 * e_row[:, None]) if V else p
         # p below the fp32 range is flushed (absolute error 2**-126 before the scaling by g / T).
         t_G = (t_gt[:, None] * (onehot + p) + gt.abs()[:, None] * (t_p + C * FTZ)) / T_
-        t_G = t_G + 2 * unit(c["hidden"].dtype) * Gabs + tiny(c["hidden"].dtype)
+        t_G = t_G + 2 * unit(c["hidden"].dtype) * Gabs + tiny(c["hidden"].dtype) + C * FTZ
         # The input gradients from the (fixed, see _clipped_grad_fix) dloss/dlogp in closed form: dlogits
         # G = g (onehot - p) / T, dX = G W, dW = G^T X, db = sum G (autograd would give 0 * inf = NaN there).
         Gx = gt[:, None] * (onehot - p) / T_
@@ -671,7 +681,7 @@ def _clipped_grad_fix(grad, lp, old, ref, adv, m, c):
     a = adv[:, None]
     clipped = ((r < lo) & (a < 0)) | ((r > hi) & (a > 0))
     dl = torch.where(clipped, z, -r * a)
-    if ref is not None:
+    if ref is not None and kw["beta"] != 0:
         dl = dl + kw["beta"] * (1 - torch.exp(torch.where(on, ref - lp, z)))
     closed = torch.where(on, _grpo_weights(c, m) * dl, z)
     fix = torch.isnan(grad) & ~torch.isnan(closed)
