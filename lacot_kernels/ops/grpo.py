@@ -59,9 +59,10 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
     adv = adv + tl.zeros_like(ratio)
     # NaN must propagate as in torch (tl.minimum / tl.maximum return the non-NaN operand by default): a NaN
     # log-prob, old log-prob or advantage at an active token makes the loss NaN on every backend.
-    nan_all: tl.constexpr = tl.PropagateNan.ALL
-    clipped = tl.minimum(tl.maximum(ratio, lo, propagate_nan=nan_all), hi, propagate_nan=nan_all)
-    loss = -tl.minimum(ratio * adv, clipped * adv, propagate_nan=nan_all)
+    clipped = tl.minimum(
+        tl.maximum(ratio, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL
+    )
+    loss = -tl.minimum(ratio * adv, clipped * adv, propagate_nan=tl.PropagateNan.ALL)
     low = (ratio < lo) & (adv < 0.0)
     high = (ratio > hi) & (adv > 0.0)
     # A where, not a product with the flag: a clipped ratio may be inf, and inf * 0 would be NaN.
