@@ -114,7 +114,9 @@ def _token_logprobs_bwd_kernel(
     logs = tl.load(stats_ptr + 2 * row + 1)
     g_logp = tl.load(grad_logp_ptr + row)
     x = tl.load(logits_ptr + row * stride_l + cols, mask=cmask & valid, other=0.0).to(tl.float32)
-    log_p = (x - m) * inv_t - logs
+    # log p <= 0: logits recomputed by another GEMM than the forward's (the fused op) may exceed the saved max by
+    # a rounding, which 1/T of a tiny temperature would blow up to exp(+large) = inf.
+    log_p = tl.minimum((x - m) * inv_t - logs, 0.0)
     p = tl.exp(log_p)
     g = -g_logp * p
     if HAS_GRAD_ENTROPY:
@@ -262,7 +264,7 @@ def _token_logprobs_bwd_torch(
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
         g_logp = grad_logp[sl][:, None]
-        log_p = (x - stats[sl, :1]) * inv_t - stats[sl, 1:]
+        log_p = ((x - stats[sl, :1]) * inv_t - stats[sl, 1:]).clamp(max=0.0)  # log p <= 0 (see the Triton kernel)
         p = log_p.exp()
         g = -g_logp * p
         if grad_entropy is not None:
