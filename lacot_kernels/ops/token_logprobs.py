@@ -116,7 +116,7 @@ def _token_logprobs_bwd_kernel(
     x = tl.load(logits_ptr + row * stride_l + cols, mask=cmask & valid, other=0.0).to(tl.float32)
     # log p <= 0: logits recomputed by another GEMM than the forward's (the fused op) may exceed the saved max by
     # a rounding, which 1/T of a tiny temperature would blow up to exp(+large) = inf.
-    log_p = tl.minimum((x - m) * inv_t - logs, 0.0)
+    log_p = tl.minimum((x - m) * inv_t - logs, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (NaN stays NaN)
     p = tl.exp(log_p)
     g = -g_logp * p
     if HAS_GRAD_ENTROPY:

@@ -629,9 +629,12 @@ def _fgrpo_oracle(c):
         # dlogits G = g_t (onehot - p) / T with g_t = dloss/dlogp_t: its error from g_t's and from p's.
         gt = lt_grad.reshape(-1)
         p = torch.softmax(zt, -1) if V else zt
-        t_gt = (t_g + torch.where(amb, lt_grad.abs(), z)).reshape(-1)
+        # A token whose clip flag may flip (amb) may take either branch: 0 or c_b M |r A|.
+        t_gt = (t_g + torch.where(amb, _grpo_weights(c, m) * (r * adv[:, None]).abs(), z)).reshape(-1)
         # d(dl/dlogp)/dlogp is about |r A| + beta e^d: a logp error moves g_t by that much.
-        curv = (r * adv[:, None]).abs() + c["kw"]["beta"] * (torch.exp(d) if ref is not None else 0.0)
+        curv = (r * adv[:, None]).abs()
+        if ref is not None and c["kw"]["beta"] != 0:  # (no KL term at beta = 0: 0 * an overflowing e^d is not a bound)
+            curv = curv + c["kw"]["beta"] * torch.exp(d)
         t_gt = t_gt + (_grpo_weights(c, m) * curv * t_lp).reshape(-1)
         onehot = torch.zeros_like(p)
         if V:
