@@ -208,7 +208,9 @@ def bin_rank(
             if valid is not None and not bool(valid[q, a]):
                 continue
             row = [float(v) for v in scores[q, a].to(dtype)]
-            if reduce == "mean":
+            if any(math.isnan(r) for r in row):  # (Python's max() would skip a NaN after a -inf)
+                val = math.nan
+            elif reduce == "mean":
                 val = math.fsum(row) / N
             else:
                 mx = max(row)
