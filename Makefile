@@ -12,7 +12,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
 
-.PHONY: venv venv-demo build build-demo test test-gpu gpu-check demo demo-kernels bench lint fmt clean
+.PHONY: venv venv-demo build build-demo test test-gpu gpu-check fuzz demo demo-kernels bench lint fmt clean
 
 $(DEMO_STAMP): requirements-demo.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -57,6 +57,13 @@ build-demo: .venv/.ext-demo
 # The full suite (CPU: Triton through the interpreter) + every benchmark once at smoke size.
 test: build
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable --bench-size=smoke
+
+# Fuzzing (tests/fuzz): FUZZ_CASES random cases per op and backend against the fp64 references, split over the
+# dtypes; prints the table (cases, mismatches, worst error / tolerance). `make test` runs a small fixed budget.
+FUZZ_CASES ?= 10000
+FUZZ_SEED  ?= 0
+fuzz: build
+	$(PY) tests/fuzz/run.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu tests benchmarks --benchmark-disable

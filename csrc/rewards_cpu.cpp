@@ -45,14 +45,16 @@ template <class scalar_t, class acc_t>
 Moments<acc_t> moments(const scalar_t* r, int64_t n) {
   KahanSum<acc_t> s;
   acc_t count = 0;
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     const acc_t x = static_cast<acc_t>(r[j]);
     if (present(x)) {
       s.add(x);
       count += acc_t(1);
+      adv_range_add(x, lo, hi);
     }
   }
-  const acc_t mean = adv_mean(s.value(), count);
+  const acc_t mean = adv_mean(s.value(), count, lo, hi);
   KahanSum<acc_t> m2;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t x = static_cast<acc_t>(r[j]);

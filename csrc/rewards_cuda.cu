@@ -49,6 +49,37 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+template <class T>
+__device__ __forceinline__ T warp_min(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmin(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Min and max over the block (every thread gets them), through the same one-slot-per-warp buffer.
+template <class T>
+__device__ __forceinline__ void block_min_max(T& lo, T& hi, T* red) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  const T inf = std::numeric_limits<T>::infinity();
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  __syncthreads();
+  if (lane == 0) red[warp] = lo;
+  __syncthreads();
+  lo = warp_min(lane < nwarps ? red[lane] : inf);
+  __syncthreads();
+  if (lane == 0) red[warp] = hi;
+  __syncthreads();
+  hi = warp_max(lane < nwarps ? red[lane] : -inf);
+}
+
 // Sum over the block; every thread gets the result. `red` holds one slot per warp.
 template <class T>
 __device__ __forceinline__ T block_sum(T v, T* red) {
@@ -71,15 +102,17 @@ template <class scalar_t, class acc_t>
 __device__ __forceinline__ LaneMoments<acc_t> warp_moments(const scalar_t* x, int64_t n, int lane) {
   KahanSum<acc_t> s;
   acc_t c = 0;
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = lane; j < n; j += kWarp) {
     const acc_t v = static_cast<acc_t>(x[j]);
     if (present(v)) {
       s.add(v);
       c += acc_t(1);
+      adv_range_add(v, lo, hi);
     }
   }
   const acc_t count = warp_sum(c);
-  const acc_t mean = adv_mean(warp_sum(s.value()), count);
+  const acc_t mean = adv_mean(warp_sum(s.value()), count, warp_min(lo), warp_max(hi));
   KahanSum<acc_t> m2;
   for (int64_t j = lane; j < n; j += kWarp) {
     const acc_t v = static_cast<acc_t>(x[j]);
@@ -93,15 +126,19 @@ template <class scalar_t, class acc_t>
 __device__ __forceinline__ LaneMoments<acc_t> block_moments(const scalar_t* x, int64_t n, acc_t* red) {
   KahanSum<acc_t> s;
   acc_t c = 0;
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const acc_t v = static_cast<acc_t>(x[j]);
     if (present(v)) {
       s.add(v);
       c += acc_t(1);
+      adv_range_add(v, lo, hi);
     }
   }
   const acc_t count = block_sum(c, red);
-  const acc_t mean = adv_mean(block_sum(s.value(), red), count);
+  const acc_t sum = block_sum(s.value(), red);
+  block_min_max(lo, hi, red);
+  const acc_t mean = adv_mean(sum, count, lo, hi);
   KahanSum<acc_t> m2;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const acc_t v = static_cast<acc_t>(x[j]);

@@ -72,6 +72,20 @@ template <class T>
 LACOT_HD T adv_mean(T sum, T count) {
   return sum / (count > T(1) ? count : T(1));
 }
+// The same, kept inside [lo, hi] (min and max of the values), as the exact mean is: a group of equal rewards
+// then has mean exactly their value, hence advantages exactly 0 rather than rounding noise over a tiny std.
+template <class T>
+LACOT_HD T adv_mean(T sum, T count, T lo, T hi) {
+  const T m = adv_mean(sum, count);
+  if (!(count > T(0))) return m;
+  return m < lo ? lo : (m > hi ? hi : m);
+}
+// Running min / max of the present values (start from +inf / -inf).
+template <class T>
+LACOT_HD void adv_range_add(T x, T& lo, T& hi) {
+  lo = x < lo ? x : lo;
+  hi = x > hi ? x : hi;
+}
 // 1 / d, and 0 where d = 0 (eps = 0 and equal rewards): those advantages are exactly 0, not NaN.
 template <class T>
 LACOT_HD T safe_inv(T d) {

@@ -95,7 +95,8 @@ def grpo_loss(
     if ref_logp is not None:
         ref = ref_logp.to(dtype)
         kl = torch.exp(ref - lp) - (ref - lp) - 1
-        per_token_loss = per_token_loss + beta * kl
+        if beta != 0.0:  # TRL adds the KL term only then (0 * an overflowing kl would be NaN)
+            per_token_loss = per_token_loss + beta * kl
         stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
     B, T = lp.shape
     if loss_type == "grpo":
@@ -207,7 +208,9 @@ def bin_rank(
             if valid is not None and not bool(valid[q, a]):
                 continue
             row = [float(v) for v in scores[q, a].to(dtype)]
-            if reduce == "mean":
+            if any(math.isnan(r) for r in row):  # (Python's max() would skip a NaN after a -inf)
+                val = math.nan
+            elif reduce == "mean":
                 val = math.fsum(row) / N
             else:
                 mx = max(row)
@@ -234,9 +237,9 @@ def group_advantages(
     """TRL's GRPO advantages ``(r - nanmean_g) / (nanstd + eps)`` in `dtype`, same shape as `rewards`.
 
     ``scale``: "group" (std of the group), "batch" (std of every reward, mean still per group), "none" (no
-    division). NaN rewards are left out of every mean and std and get advantage 0. A std over fewer than two
-    rewards (unbiased) is 0, and a zero denominator (eps = 0, equal rewards) gives advantage 0. Differentiable;
-    where the std is 0 its (sub)gradient is taken as 0.
+    division). NaN rewards are left out of every mean and std and get advantage 0; a group of equal rewards gets
+    exactly 0. A std over fewer than two rewards (unbiased) is 0, and a zero denominator (eps = 0, equal rewards)
+    gives advantage 0. Differentiable; where the std is 0 its (sub)gradient is taken as 0.
     """
     r = rewards.to(dtype).reshape(-1, group_size)
     valid = ~torch.isnan(r)
@@ -245,6 +248,11 @@ def group_advantages(
     def centred(x, ok, dim):
         n = ok.sum(dim, keepdim=True).to(dtype)
         mean = torch.where(ok, x, zero).sum(dim, keepdim=True) / n.clamp(min=1)
+        # The exact mean lies in [min, max]: keeping the rounded one there makes equal rewards centre to exactly 0.
+        if x.numel():
+            lo = torch.where(ok, x, torch.inf).amin(dim, keepdim=True)
+            hi = torch.where(ok, x, -torch.inf).amax(dim, keepdim=True)
+            mean = torch.where(n > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
         return torch.where(ok, x - mean, zero), n
 
     def std(c, n, dim):
@@ -264,6 +272,10 @@ def group_advantages(
         raise ValueError(f"unknown scale {scale!r}")
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     adv = torch.where(denom > 0, c / safe, zero)
+    # An infinite reward poisons (NaN) its group, or with scale "batch" the whole batch.
+    inf = torch.isinf(r)
+    bad = inf.any().expand(r.shape) if scale == "batch" else inf.any(-1, keepdim=True).expand(r.shape)
+    adv = torch.where(bad, torch.full((), torch.nan, dtype=dtype, device=r.device), adv)
     return adv.reshape(rewards.shape)
 
 
@@ -297,7 +309,9 @@ def interpolate_rewards(
     """
     M = interpolation_matrix(anchor_mask, dtype)
     v = torch.where(anchor_mask, values.to(dtype), torch.zeros((), dtype=dtype, device=values.device))
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
+    # Only the nonzero weights take part (not M @ v): a NaN anchor then reaches the positions it brackets only.
+    terms = M * v.unsqueeze(-2)
+    return torch.where(M != 0, terms, torch.zeros((), dtype=dtype, device=values.device)).sum(-1)
 
 
 def reward_anchors(lengths: torch.Tensor, stride: int, *, min_len: int = 0, max_len: int) -> torch.Tensor:

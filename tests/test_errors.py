@@ -27,6 +27,8 @@ W = torch.randn(10, 6)
         (dict(temperature=float("nan")), ValueError, r"temperature must be finite and > 0, got nan"),
         (dict(temperature=float("inf")), ValueError, r"temperature must be finite and > 0, got inf"),
         (dict(temperature=torch.tensor(1.0)), TypeError, r"temperature must be a Python float, got Tensor"),
+        (dict(temperature=1e-320), ValueError, r"temperature must be >= 5.42\d*e-20 \(2\*\*-64.*got 1e-320"),
+        (dict(temperature=1e-30), ValueError, r"temperature must be >= .*got 1e-30"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be a Python int, got float"),
         (dict(backend="cudnn"), ValueError, r"backend must be one of .*got 'cudnn'"),
         (

@@ -719,9 +719,8 @@ def fused_linear_token_logprobs(
         raise ValueError(f"precision must be one of {_lm.PRECISIONS}, got {precision!r}")
 
     lead = hidden.shape[:-1]
-    h = hidden.reshape(-1, D)
-    if h.stride(-1) != 1:
-        h = h.contiguous()
+    # Explicit row count: with D = 0 a reshape to (-1, 0) is ambiguous (the logits are then all bias, or 0).
+    h = _checks.unit_stride_rows(hidden.reshape(targets.numel(), D))
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
     logp, entropy, _ = torch.ops.lacot.fused_linear_token_logprobs(

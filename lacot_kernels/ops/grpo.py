@@ -35,8 +35,6 @@ Masked tokens (M == 0) contribute exactly 0 to the loss, the statistics and the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks, _registry
@@ -58,8 +56,12 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
     ratio = tl.exp(lp - old)
     # The advantage is one per row: broadcast it to the tokens' shape so that the flags combine elementwise.
     adv = adv + tl.zeros_like(ratio)
-    clipped = tl.minimum(tl.maximum(ratio, lo), hi)
-    loss = -tl.minimum(ratio * adv, clipped * adv)
+    # NaN must propagate as in torch (tl.minimum / tl.maximum return the non-NaN operand by default): a NaN
+    # log-prob, old log-prob or advantage at an active token makes the loss NaN on every backend.
+    clipped = tl.minimum(
+        tl.maximum(ratio, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL
+    )
+    loss = -tl.minimum(ratio * adv, clipped * adv, propagate_nan=tl.PropagateNan.ALL)
     low = (ratio < lo) & (adv < 0.0)
     high = (ratio > hi) & (adv > 0.0)
     # A where, not a product with the flag: a clipped ratio may be inf, and inf * 0 would be NaN.
@@ -68,8 +70,9 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
         d = ref - lp
         e = tl.exp(d)
         kl = e - d - 1.0
-        loss += beta * kl
-        dloss += beta * (1.0 - e)
+        # beta = 0 (KL only reported): adding 0 * kl would turn a kl that overflows fp32 (inf) into a NaN loss.
+        loss += tl.where(beta != 0.0, beta * kl, 0.0)
+        dloss += tl.where(beta != 0.0, beta * (1.0 - e), 0.0)
     else:
         kl = tl.zeros_like(lp)
     return loss, dloss, kl, low, high
@@ -114,8 +117,9 @@ def _grpo_loss_fwd_kernel(
         acc_loss += tl.where(on, w * loss, 0.0)
         acc_n += w
         acc_kl += tl.where(on, w * kl, 0.0)
-        acc_low += tl.where(on & low, w, 0.0)
-        acc_high += tl.where(on & high, w, 0.0)
+        # w * flag, not where(flag, w, 0): a non-finite weight poisons the statistics as torch's product does.
+        acc_low += tl.where(on, w * low.to(tl.float32), 0.0)
+        acc_high += tl.where(on, w * high.to(tl.float32), 0.0)
     tl.store(part_ptr + 5 * b, tl.sum(acc_loss, 0))
     tl.store(part_ptr + 5 * b + 1, tl.sum(acc_n, 0))
     tl.store(part_ptr + 5 * b + 2, tl.sum(acc_kl, 0))
@@ -255,8 +259,9 @@ def _grpo_token_torch(lp, old, ref, adv, beta, lo, hi):
         d = ref - lp
         e = d.exp()
         kl = e - d - 1.0
-        loss = loss + beta * kl
-        dloss = dloss + beta * (1.0 - e)
+        if beta != 0.0:  # with beta = 0 a kl that overflows fp32 (inf) must not make the loss 0 * inf = NaN
+            loss = loss + beta * kl
+            dloss = dloss + beta * (1.0 - e)
     else:
         kl = torch.zeros_like(lp)
     return loss, dloss, kl, low, high
@@ -593,8 +598,9 @@ def _fused_grpo_forward_only(
     hidden, weight, bias, targets, old, adv, mask, ref, normalizer, T, temperature, beta, lo, hi, loss_type, L, name
 ):
     # No gradient wanted: the fused log-prob forward (Triton: no logits tile at all; masked rows skipped on the
-    # device) followed by the token loss. Masked tokens get the ignore id, so they are neither read nor checked.
-    ignore = -1
+    # device) followed by the token loss. Masked tokens get the ignore id, so they are neither read nor checked;
+    # an id no target can equal, so that an unchecked bad id at an active token (-1 included) gives NaN.
+    ignore = _NO_IGNORE
     y = torch.where(mask != 0, targets, ignore)
     if name == "triton":
         logp, _, _ = _fl._fused_fwd_triton(hidden, weight, bias, y, temperature, ignore, False)
@@ -646,7 +652,8 @@ def _fused_grpo_impl(
     B = advantages.shape[0]
     T = hidden.shape[0] // B if B > 0 else 0
     # Only the targets of active tokens are used (and checked): padding may hold any id.
-    _checks.check_targets_in_range(torch.where(mask != 0, targets, -1), V, -1)
+    # (-1 at an active token is out of range too: no id is reserved for "ignored" here, the mask says it.)
+    _checks.check_active_targets_in_range(targets, mask != 0, V)
     lo, hi = _bounds(eps_low, eps_high)
     name = _resolve_fused(backend, hidden.device)
     needs = [bool(x) for x in needs_grad]
@@ -711,12 +718,7 @@ torch.library.register_autograd("lacot::fused_linear_grpo_loss", _fused_backward
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 def _check_float(name: str, value: object, *, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < low:
-        raise ValueError(f"{name} must be finite and >= {low}, got {value}")
-    return v
+    return _checks.check_float(name, value, low=low)
 
 
 def _check_options(B, T, device, ref_logp, beta, eps_low, eps_high, loss_type, max_completion_length, dapo_normalizer):

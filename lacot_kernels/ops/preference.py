@@ -15,8 +15,6 @@ and the loss is the batch mean; rewards are beta l_w and beta l_l (unnormalized,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -131,13 +129,8 @@ def dpo_loss(
     )
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
-    if not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be finite and > 0, got {beta}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
-    eps = float(label_smoothing)
+    beta = _checks.check_float("beta", beta, low=0, low_open=True)
+    eps = _checks.check_float("label_smoothing", label_smoothing)
     if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5] for loss_type='sigmoid', got {label_smoothing}")
     if loss_type == "robust" and not 0.0 <= eps < 0.5:
@@ -154,6 +147,7 @@ def dpo_loss(
             _checks.check_dtype(name, x, _checks.INDEX_DTYPES + _FLOATS)
             if tuple(x.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+            _checks.check_lengths_in_range(x, 0, None, name=name, what=" (a completion length)")
 
     dt = _compute_dtype(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     chosen = policy_chosen_logps.to(dt) - ref_chosen_logps.to(dt)

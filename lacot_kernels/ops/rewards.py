@@ -61,12 +61,23 @@ def _tile(ptr, rows, row_ok, c0, G, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
 def _group_mean(r_ptr, rows, row_ok, G, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     s = tl.zeros([BLOCK_R], ACC)
     cnt = tl.zeros([BLOCK_R], ACC)
+    lo = tl.zeros([BLOCK_R], ACC) + float("inf")
+    hi = tl.zeros([BLOCK_R], ACC) - float("inf")
     for c0 in range(0, G, BLOCK_C):
         x, _, _ = _tile(r_ptr, rows, row_ok, c0, G, ACC, BLOCK_C)
         ok = x == x  # NaN rewards (and the masked lanes, loaded as NaN) are left out
         s += tl.sum(tl.where(ok, x, 0.0), 1)
         cnt += tl.sum(tl.where(ok, 1.0, 0.0), 1)
-    return s / tl.maximum(cnt, 1.0), cnt
+        lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), 1))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, x, -float("inf")), 1))
+    return _clamp_mean(s / tl.maximum(cnt, 1.0), cnt, lo, hi), cnt
+
+
+@jit
+def _clamp_mean(mean, cnt, lo, hi):
+    # The rounded mean is kept inside [min, max] of the values it averages, as the exact mean is: a group of
+    # equal rewards then has mean exactly their value, hence advantages exactly 0 (not rounding noise / std).
+    return tl.where(cnt > 0.0, tl.minimum(tl.maximum(mean, lo), hi), mean)
 
 
 @jit
@@ -91,12 +102,17 @@ def _batch_moments(r_ptr, n_groups, G, ACC: tl.constexpr, UNBIASED: tl.constexpr
     # Mean, std and k of every reward of the batch (two passes over it, tile by tile).
     s = tl.sum(tl.zeros([BLOCK_R], ACC), 0)
     cnt = s
+    lo = s + float("inf")
+    hi = s - float("inf")
     for g0 in range(0, n_groups, BLOCK_R):
         rows = g0 + tl.arange(0, BLOCK_R)
         gm, gc = _group_mean(r_ptr, rows, rows < n_groups, G, ACC, BLOCK_R, BLOCK_C)
         s += tl.sum(gm * gc, 0)
         cnt += tl.sum(gc, 0)
-    mean = s / tl.maximum(cnt, 1.0)
+        # The batch mean is a weighted mean of the group means: it lies in [min, max] of them.
+        lo = tl.minimum(lo, tl.min(tl.where(gc > 0.0, gm, float("inf")), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(gc > 0.0, gm, -float("inf")), 0))
+    mean = _clamp_mean(s / tl.maximum(cnt, 1.0), cnt, lo, hi)
     m2 = tl.sum(tl.zeros([BLOCK_R], ACC), 0)
     for g0 in range(0, n_groups, BLOCK_R):
         rows = g0 + tl.arange(0, BLOCK_R)
@@ -399,6 +415,10 @@ def _moments_torch(x: torch.Tensor, unbiased: bool, dim: int):
     ok = ~torch.isnan(x)
     cnt = ok.sum(dim, keepdim=True).to(x.dtype)
     mean = torch.where(ok, x, 0.0).sum(dim, keepdim=True) / cnt.clamp(min=1.0)
+    # Kept inside [min, max] of the values, as the exact mean is: equal rewards give a mean of exactly their value.
+    lo = torch.where(ok, x, float("inf")).amin(dim, keepdim=True)
+    hi = torch.where(ok, x, -float("inf")).amax(dim, keepdim=True)
+    mean = torch.where(cnt > 0, torch.minimum(torch.maximum(mean, lo), hi), mean)
     c = torch.where(ok, x - mean, 0.0)
     k = cnt - 1.0 if unbiased else cnt
     std = torch.where(k > 0, ((c * c).sum(dim, keepdim=True) / k.clamp(min=1.0)).sqrt(), 0.0)
@@ -510,10 +530,26 @@ INTERP_BWD = {
 # ----------------------------------------------------------------------------------------------------------------
 # Registered ops: lacot::group_advantages, lacot::interpolate_rewards (+ backward ops), fakes, autograd
 # ----------------------------------------------------------------------------------------------------------------
+def _poison_infinite(out, rewards, group_size, scale):
+    """An infinite reward makes its group's results NaN ("batch": every result, since the batch std sees it).
+
+    Left to IEEE arithmetic, inf - inf inside the (compensated, or plain) sums gives NaN or +-inf or 0 depending
+    on the summation order of each backend; this makes the answer one and the same. Three small elementwise /
+    reduction launches, no host sync."""
+    if rewards.numel() == 0:
+        return out
+    inf = torch.isinf(rewards)
+    if scale == "batch":
+        bad = inf.any().expand(rewards.shape)
+    else:
+        bad = inf.view(-1, group_size).any(1, keepdim=True).expand(-1, group_size).reshape(rewards.shape)
+    return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+
+
 @torch.library.register_kernel("lacot::group_advantages", ("cpu", "cuda"))
 def _group_advantages_impl(rewards, group_size, scale, eps, unbiased, backend):
     name = _registry.resolve_backend(backend, rewards.device, native_op=NATIVE_ADV)
-    return ADV_FWD[name](rewards, group_size, scale, eps, unbiased)
+    return _poison_infinite(ADV_FWD[name](rewards, group_size, scale, eps, unbiased), rewards, group_size, scale)
 
 
 @torch.library.register_fake("lacot::group_advantages")
@@ -524,7 +560,7 @@ def _group_advantages_fake(rewards, group_size, scale, eps, unbiased, backend):
 @torch.library.register_kernel("lacot::group_advantages_backward", ("cpu", "cuda"))
 def _group_advantages_backward_impl(grad, rewards, group_size, scale, eps, unbiased, backend):
     name = _registry.resolve_backend(backend, rewards.device, native_op=NATIVE_ADV)
-    return ADV_BWD[name](grad, rewards, group_size, scale, eps, unbiased)
+    return _poison_infinite(ADV_BWD[name](grad, rewards, group_size, scale, eps, unbiased), rewards, group_size, scale)
 
 
 @torch.library.register_fake("lacot::group_advantages_backward")
@@ -615,8 +651,9 @@ def group_advantages(
 
     Returns:
         advantages with the shape of ``rewards``, float32 (float64 for float64 rewards). A group of equal
-        rewards, a group of size 1 and a zero denominator (``eps=0``) give exactly 0. Differentiable with
-        respect to ``rewards`` (the std's subgradient at 0 is taken as 0). One kernel launch, no host sync
+        rewards, a group of size 1 and a zero denominator (``eps=0``) give exactly 0. An infinite reward makes
+        its group's advantages NaN (every advantage with ``scale="batch"``). Differentiable with
+        respect to ``rewards`` (the std's subgradient at 0 is taken as 0). One kernel launch (plus an isinf check), no host sync
         (``"batch"`` runs as a single program, since every advantage needs the batch std).
     """
     _checks.check_tensor("rewards", rewards)
@@ -638,11 +675,7 @@ def group_advantages(
         )
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0.0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    eps = _checks.check_float("eps", eps, low=0)
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     if backend not in _registry.BACKENDS:
@@ -685,12 +718,12 @@ def interpolate_rewards(values: torch.Tensor, anchor_mask: torch.Tensor, *, back
     if backend not in _registry.BACKENDS:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
     S = values.shape[-1]
-    v = values.reshape(-1, S)
-    m = anchor_mask.reshape(-1, S)
-    if S > 1 and v.stride(-1) != 1:
-        v = v.contiguous()
-    if S > 1 and m.stride(-1) != 1:
-        m = m.contiguous()
+    # Explicit row count: with S = 0 a reshape to (-1, 0) is ambiguous.
+    rows = values.numel() // S if S else math.prod(values.shape[:-1])
+    v = values.reshape(rows, S)
+    m = anchor_mask.reshape(rows, S)
+    v = _checks.unit_stride_rows(v)
+    m = _checks.unit_stride_rows(m)
     return torch.ops.lacot.interpolate_rewards(v, m, backend).view(values.shape)
 
 

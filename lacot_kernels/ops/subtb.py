@@ -39,8 +39,6 @@ dL/dlog_term_t = G_t. Positions past a row's length are never read and get exact
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks, _registry
@@ -491,7 +489,7 @@ torch.library.register_autograd("lacot::subtb_loss", _backward, setup_context=_s
 # ----------------------------------------------------------------------------------------------------------------
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # The kernels need unit stride along T (any row stride).
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+    return _checks.unit_stride_rows(x)
 
 
 def subtb_loss(
@@ -550,11 +548,7 @@ def subtb_loss(
             raise ValueError(f"{name} must have shape (B, T + 1) = {(B, T + 1)}, got {tuple(x.shape)}")
     if tuple(lengths.shape) != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"decay must be a Python float, got {type(decay).__name__}")
-    decay = float(decay)
-    if not math.isfinite(decay) or decay < 0.0:
-        raise ValueError(f"decay must be finite and >= 0, got {decay}")
+    decay = _checks.check_float("decay", decay, low=0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in _registry.BACKENDS:

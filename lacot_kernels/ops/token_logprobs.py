@@ -130,7 +130,9 @@ def _token_logprobs_bwd_kernel(
     if HAS_TAU:
         # Dropped logits have p = 0 and get exactly 0 (the caller zeroes g_logp of rows whose target is dropped).
         x = tl.where(x >= tl.load(tau_ptr + row), x, float("-inf"))
-    log_p = (x - m) * inv_t - logs
+    # log p <= 0: logits recomputed by another GEMM than the forward's (the fused op) may exceed the saved max by
+    # a rounding, which 1/T of a tiny temperature would blow up to exp(+large) = inf.
+    log_p = tl.minimum((x - m) * inv_t - logs, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (NaN stays NaN)
     p = tl.exp(log_p)
     g = -g_logp * p
     if HAS_GRAD_ENTROPY:
@@ -292,7 +294,7 @@ def _token_logprobs_bwd_torch(
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
         g_logp = grad_logp[sl][:, None]
-        log_p = (x - stats[sl, :1]) * inv_t - stats[sl, 1:]
+        log_p = ((x - stats[sl, :1]) * inv_t - stats[sl, 1:]).clamp(max=0.0)  # log p <= 0 (see the Triton kernel)
         p = log_p.exp()
         g = -g_logp * p
         if grad_entropy is not None:
@@ -532,9 +534,7 @@ def token_logprobs(
     _trunc.check_sampler_args(top_k, top_p, min_p, sampler_order)
 
     lead = logits.shape[:-1]
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _checks.unit_stride_rows(logits.reshape(-1, V))
     t = targets.reshape(-1).to(torch.int64).contiguous()
     det = _bi.enabled(deterministic)
     if _trunc.is_truncating(top_k, top_p, min_p) or det:
