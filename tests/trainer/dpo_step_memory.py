@@ -4,7 +4,8 @@
 
 32 pairs of 256-token completions on a 4-layer, hidden-256 model; the pairs are synthetic (random tokens with
 reference log-probs 0), so no sampling is involved. Reported: the process's peak resident set (``ru_maxrss``)
-and its growth during the first step, i.e. what the step needs on top of the model and data already resident.
+and the growth of its resident set during the first step (sampled every millisecond), i.e. what the step needs
+on top of the model and data already resident.
 Run in a fresh process per setting: ``ru_maxrss`` never goes down.
 """
 
@@ -15,6 +16,8 @@ import random
 import resource
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -61,14 +64,36 @@ def measure(micro_batch_size: int, pairs: int = 32, tokens: int = 256) -> dict[s
         for _ in range(pairs)
     ]
     algo.pair_sampler = Sampler(len(algo.pairs), seed=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tr.train_step()  # the first step: its peak includes AdamW's state (2 x 12 MiB here), allocated in it
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The growth is the peak of the *current* resident set during the step (sampled every millisecond) over the
+    # resident set just before it. ru_maxrss alone cannot give it: a transient peak while the model was built or
+    # saved can exceed the step's, and then the step shows no growth at all.
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        tr.train_step()  # the first step: its peak includes AdamW's state (2 x 12 MiB here), allocated in it
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], _rss_bytes())
     return {
         "micro_batch_size": micro_batch_size,
-        "peak_rss_growth_mib": (after - before) / 1024,
-        "peak_rss_mib": after / 1024,
+        "peak_rss_growth_mib": (peak[0] - before) / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 if __name__ == "__main__":
