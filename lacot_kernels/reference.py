@@ -91,6 +91,17 @@ def grpo_loss(
     coef_1 = torch.exp(lp - old_logp.to(dtype))
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    return _grpo_finish(
+        per_token_loss, lp, m, adv, coef_1, ref_logp, beta, eps_low, eps_high, loss_type, max_completion_length,
+        dapo_normalizer, dtype,
+    )  # fmt: skip
+
+
+def _grpo_finish(
+    per_token_loss, lp, m, adv, coef_1, ref_logp, beta, eps_low, eps_high, loss_type, max_completion_length,
+    dapo_normalizer, dtype,
+):  # fmt: skip
+    """TRL's k3 KL term, its loss_type aggregation and clip statistics: shared by both GRPO references."""
     stats = {}
     if ref_logp is not None:
         ref = ref_logp.to(dtype)
@@ -538,28 +549,7 @@ def grpo_loss_rl(
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     if is_weight is not None:
         per_token_loss = per_token_loss * is_weight.to(dtype)
-    stats = {}
-    if ref_logp is not None:
-        ref = ref_logp.to(dtype)
-        kl = torch.exp(ref - lp) - (ref - lp) - 1
-        per_token_loss = per_token_loss + beta * kl
-        stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
-    B, T = lp.shape
-    if loss_type == "grpo":
-        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        loss = (per_token_loss * m).sum() / (B * (max_completion_length or T))
-    elif loss_type == "dapo":
-        norm = m.sum().clamp(min=1.0) if dapo_normalizer is None else dapo_normalizer
-        loss = (per_token_loss * m).sum() / norm
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
-    high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
-    denom = m.sum().clamp(min=1.0)
-    stats["clip_ratio/low_mean"] = (low * m).sum() / denom
-    stats["clip_ratio/high_mean"] = (high * m).sum() / denom
-    stats["clip_ratio/region_mean"] = (torch.maximum(low, high) * m).sum() / denom
-    return loss, stats
+    return _grpo_finish(
+        per_token_loss, lp, m, adv, coef_1, ref_logp, beta, eps_low, eps_high, loss_type, max_completion_length,
+        dapo_normalizer, dtype,
+    )  # fmt: skip
