@@ -153,7 +153,7 @@ def parse(command: str, argv: list[str]) -> tuple[Any, bool]:
 
     import tyro
 
-    from .config import apply_mapping
+    from .config import apply_mapping, read_yaml_file
 
     cmd = COMMANDS[command]
     cls = _load(cmd.config)
@@ -175,15 +175,8 @@ def parse(command: str, argv: list[str]) -> tuple[Any, bool]:
     cfg = cls()
     apply_mapping(cfg, cmd.preset, "command")
     if config:
-        import yaml
-
         path = resolve_config(config)
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-        apply_mapping(cfg, data, path)
+        apply_mapping(cfg, read_yaml_file(path), path)
         apply_mapping(cfg, cmd.preset, "command")  # `lacot-train grpo --config sft` still runs grpo
 
     # The command's options: the config's fields without a prefix, and two of the command line's own. Built with

@@ -364,22 +364,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then :meth:`Config.validate`."""
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping; a missing file or invalid YAML is one clear error naming the file."""
     import yaml
 
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then :meth:`Config.validate`."""
     cfg = Config()
     if defaults:
         apply_mapping(cfg, defaults, "defaults")
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: not valid YAML: {exc}") from exc
-        apply_mapping(cfg, data, str(p))
+        apply_mapping(cfg, read_yaml_file(path), str(path))
     for text in overrides or []:
         key, value = parse_override(text)
         _set(cfg, key.split("."), value, "command line", key)

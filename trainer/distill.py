@@ -43,9 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import DataConfig, FormatConfig, apply_mapping, parse_override
+from .config import DataConfig, FormatConfig, apply_mapping, parse_override, read_yaml_file
 from .data import Example, load_examples
 
 DEFAULT_PROMPT = (
@@ -138,10 +136,7 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
     if defaults:
         apply_mapping(cfg, defaults, "defaults")
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        apply_mapping(cfg, yaml.safe_load(p.read_text()) or {}, str(p))
+        apply_mapping(cfg, read_yaml_file(path), str(path))
     for text in overrides or []:
         key = text.removeprefix("--").split("=", 1)[0]
         if "=" in text and _is_str_field(cfg, key):  # prompts hold "{question}" and ": ", not YAML mappings
