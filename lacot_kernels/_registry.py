@@ -109,6 +109,18 @@ SCHEMAS: dict[str, str] = {
     "token_logprobs_truncated_backward": "token_logprobs_truncated_backward(Tensor grad_logp, Tensor? grad_entropy, "
     "Tensor logits, Tensor targets, Tensor? tau, Tensor stats, Tensor entropy, float temperature, int ignore_index, "
     "str backend) -> Tensor",
+    # fused_linear_token_logprobs over whole-row tiles (ops/fused_linear.py): the sampler's truncation (tau (N,) fp32
+    # per row, computed from each tile; empty when no filter is set) and/or batch invariance (fixed, zero-padded row
+    # chunks of DET_ROWS). rows_step: the row chunk of both the forward and the backward (same logits bitwise).
+    "fused_linear_token_logprobs_rowwise": "fused_linear_token_logprobs_rowwise(Tensor hidden, Tensor weight, "
+    "Tensor? bias, Tensor targets, float temperature, int ignore_index, bool compute_entropy, int? top_k, "
+    "float? top_p, float? min_p, str sampler_order, bool deterministic, int rows_step, str backend, "
+    "str precision='default') -> (Tensor logp, Tensor entropy, Tensor stats, Tensor tau)",
+    "fused_linear_token_logprobs_rowwise_backward": "fused_linear_token_logprobs_rowwise_backward("
+    "Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    "Tensor stats, Tensor entropy, Tensor tau, float temperature, int ignore_index, bool[3] needs_grad, "
+    "bool deterministic, int rows_step, str backend, str precision) "
+    "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
     # grpo_loss with a per-token importance weight on the policy-gradient term (rollout correction, (B, T) fp32 or
     # None) and token- or sequence-level ratios (ratio_level "token" | "sequence" = GSPO).
     # stats (4,) as grpo_loss; seq_logratio (B,) fp32 = masked mean of logp - old_logp (0 for token level).

@@ -218,23 +218,44 @@ def row_chunks(
     tile_fn: Callable[[torch.Tensor, torch.Tensor], object],
     needs=(False, False, False),
     logits_fn: Callable = logits_tile,
+    rows_step: int | None = None,
+    pad: bool = False,
 ):
     """Chunks of `rows` x the whole vocabulary: ``tile_fn(logits (r, V) fp32, chunk_rows (r,))`` sees each fp32
     logits tile (it may overwrite it) and returns its dlogits (see :func:`_accumulate`) or None.
 
     Returns (grad_hidden over `rows` (n, D) fp32, grad_weight (V, D) fp32, grad_bias (V,) fp32), each None when
-    not in `needs`. `bytes_per_elem` is what one logits element costs the caller (fp32 tile + its own buffers)."""
+    not in `needs`. `bytes_per_elem` is what one logits element costs the caller (fp32 tile + its own buffers).
+    `rows_step` fixes the chunk size (default: what the workspace allows); a forward and the backward that
+    recomputes its tiles pass the same one, so that both see bitwise the same logits. With `pad`, the last chunk
+    is padded with zero rows to `rows_step`: every GEMM then has one shape, and a row's logits and its
+    grad_hidden do not depend on which other rows share its chunk (batch invariance)."""
     n, D = rows.numel(), hidden.shape[1]
     V = weight.shape[0]
     gh, gw, gb = _grad_buffers(n, D, V, needs, hidden.device)
-    step = rows_per_chunk(V, bytes_per_elem, hidden.device)
+    step = rows_step if rows_step is not None else rows_per_chunk(V, bytes_per_elem, hidden.device)
     for r0 in range(0, n, step):
         chunk = rows[r0 : r0 + step]
+        r = chunk.numel()
         h = hidden[chunk]
+        short = pad and r < step
+        if short:
+            h = torch.cat([h, h.new_zeros(step - r, D)])
         logits = logits_fn(h, weight, bias)
-        g = tile_fn(logits, chunk)
+        g = tile_fn(logits[:r] if short else logits, chunk)
         if g is not None:
-            _accumulate(g, weight, h, gh[r0 : r0 + step] if gh is not None else None, gw, gb)
+            gh_c = gh[r0 : r0 + step] if gh is not None else None
+            if short:
+                # The same GEMM shapes as a full chunk: zero dlogits rows for the padding, a full-size gh block.
+                parts = g if isinstance(g, tuple) else (g,)
+                parts = tuple(torch.cat([p, p.new_zeros(step - r, p.shape[1])]) for p in parts)
+                g = parts if isinstance(g, tuple) else parts[0]
+                gh_full = torch.zeros(step, D, device=h.device, dtype=torch.float32) if gh is not None else None
+                _accumulate(g, weight, h, gh_full, gw, gb)
+                if gh is not None:
+                    gh_c.copy_(gh_full[:r])
+            else:
+                _accumulate(g, weight, h, gh_c, gw, gb)
         del logits, g  # release this tile before the next one is allocated: one tile alive at a time
     return gh, gw, gb
 

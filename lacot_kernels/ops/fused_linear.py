@@ -35,6 +35,8 @@ import torch
 
 from .. import _checks, _registry
 from . import _lm_head as _lm
+from . import batch_invariance as _bi
+from . import sampler_truncation as _trunc
 from . import token_logprobs as _tl
 from ._triton_utils import INTERPRET, dot_in_fp32, jit, next_pow2, tl, triton
 
@@ -645,6 +647,242 @@ torch.library.register_autograd("lacot::fused_linear_token_logprobs", _backward,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Registered op: lacot::fused_linear_token_logprobs_rowwise (sampler truncation, batch invariance)
+# ----------------------------------------------------------------------------------------------------------------
+# Both need whole rows of logits: the sampler's kept set (top-k / top-p) is a selection over the row, and a
+# batch-invariant row must not share its reductions with other rows. So this variant runs the engine's row-chunk
+# order for every backend: each (rows x V) fp32 tile gives the rows' threshold tau (sampler_truncation) and then
+# goes through the backend's per-row kernel with that tau. The backward recomputes the tiles with the *same* row
+# chunks (rows_step is an argument of both ops), so it sees bitwise the logits the forward compared with tau: a
+# token at the boundary (top_k=1's argmax, top-p's last kept token) is kept or dropped by both alike.
+# Deterministic mode fixes the chunk at DET_ROWS rows, the last one zero-padded: every GEMM has one shape, so a
+# row's logits, outputs and grad_hidden do not depend on the other rows, the row count or the workspace size.
+DET_ROWS = 64
+
+
+def _rows_step(V: int, deterministic: bool, device: torch.device) -> int:
+    # 8 bytes per element: the fp32 logits tile and the backward's fp32 dlogits tile.
+    return DET_ROWS if deterministic else _lm.rows_per_chunk(V, 8, device)
+
+
+@torch.library.register_kernel("lacot::fused_linear_token_logprobs_rowwise", ("cpu", "cuda"))
+@_no_autocast
+def _rowwise_impl(
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature,
+    ignore_index,
+    compute_entropy,
+    top_k,
+    top_p,
+    min_p,
+    sampler_order,
+    deterministic,
+    rows_step,
+    backend,
+    precision="default",
+):
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    dev = hidden.device
+    _checks.check_targets_in_range(targets, V, ignore_index)
+    name = _resolve(backend, dev)
+    f32 = dict(device=dev, dtype=torch.float32)
+    truncating = _trunc.is_truncating(top_k, top_p, min_p)
+    logp = torch.zeros(N, **f32)
+    ent = torch.zeros(N if compute_entropy else 0, **f32)
+    stats = torch.zeros(N, 2, **f32)
+    tau_all = torch.full((N if truncating else 0,), float("-inf"), **f32)
+
+    def tile(logits, rows):
+        tau = None
+        if truncating:
+            tau = _trunc.kept_threshold(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=sampler_order,
+                deterministic=deterministic,
+            )  # fmt: skip
+            tau_all[rows] = tau
+        lp, en, st = _tl._fwd_truncated(
+            name, logits, targets[rows], tau, temperature, ignore_index, compute_entropy, deterministic
+        )
+        logp[rows] = lp
+        stats[rows] = st
+        if compute_entropy:
+            ent[rows] = en
+
+    _lm.row_chunks(
+        hidden,
+        weight,
+        bias,
+        _valid_rows(targets, ignore_index),
+        bytes_per_elem=8,
+        tile_fn=tile,
+        logits_fn=_logits_tile,
+        rows_step=rows_step,
+        pad=deterministic,
+    )
+    logp, ent, stats = _finish(logp, ent if compute_entropy else None, stats, targets, V, ignore_index)
+    return logp, ent, stats, tau_all
+
+
+@torch.library.register_fake("lacot::fused_linear_token_logprobs_rowwise")
+def _rowwise_fake(
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature,
+    ignore_index,
+    compute_entropy,
+    top_k,
+    top_p,
+    min_p,
+    sampler_order,
+    deterministic,
+    rows_step,
+    backend,
+    precision="default",
+):
+    N = hidden.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    truncating = _trunc.is_truncating(top_k, top_p, min_p)
+    return (
+        hidden.new_empty(N, **f32),
+        hidden.new_empty(N if compute_entropy else 0, **f32),
+        hidden.new_empty(N, 2, **f32),
+        hidden.new_empty(N if truncating else 0, **f32),
+    )
+
+
+@torch.library.register_kernel("lacot::fused_linear_token_logprobs_rowwise_backward", ("cpu", "cuda"))
+@_no_autocast
+def _rowwise_backward_impl(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    tau,
+    temperature,
+    ignore_index,
+    needs_grad,
+    deterministic,
+    rows_step,
+    backend,
+    precision,
+):
+    name = _resolve(backend, hidden.device)
+    bwd = _tl.BWD[name]
+    truncating = tau.numel() > 0
+    needs = list(needs_grad)
+
+    def tile(logits, rows):
+        args = (
+            grad_logp[rows],
+            grad_entropy[rows] if grad_entropy is not None else None,
+            logits,
+            targets[rows],
+            stats[rows],
+            entropy[rows] if grad_entropy is not None else None,
+            temperature,
+            ignore_index,
+        )
+        t = tau[rows] if truncating else None
+        g = bwd(*args, t) if name == "cuda" else bwd(*args, tau=t)
+        return _gemm_dlogits(g, hidden.dtype, precision)
+
+    rows_all = _valid_rows(targets, ignore_index)
+    gh, gw, gb = _lm.row_chunks(
+        hidden,
+        weight,
+        bias,
+        rows_all,
+        bytes_per_elem=8,
+        tile_fn=tile,
+        needs=needs,
+        logits_fn=_logits_tile,
+        rows_step=rows_step,
+        pad=deterministic,
+    )
+    return _pack_grads(gh, gw.to(weight.dtype) if gw is not None else None, gb, rows_all, hidden, bias)
+
+
+@torch.library.register_fake("lacot::fused_linear_token_logprobs_rowwise_backward")
+def _rowwise_backward_fake(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    targets,
+    stats,
+    entropy,
+    tau,
+    temperature,
+    ignore_index,
+    needs_grad,
+    deterministic,
+    rows_step,
+    backend,
+    precision,
+):
+    return _fused_backward_fake(
+        grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
+        needs_grad, backend,
+    )  # fmt: skip
+
+
+def _setup_context_rowwise(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, compute_entropy = inputs[:7]
+    deterministic, rows_step, backend = inputs[11:14]
+    precision = inputs[14] if len(inputs) > 14 else "default"
+    logp, entropy, stats, tau = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, tau, logp)
+    ctx.args = (temperature, ignore_index, compute_entropy, deterministic, rows_step, backend, precision)
+
+
+def _backward_rowwise(ctx, grad_logp, grad_entropy, _grad_stats, _grad_tau):
+    hidden, weight, bias, targets, stats, entropy, tau, logp = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, deterministic, rows_step, backend, precision = ctx.args
+    n_in = len(ctx.needs_input_grad)
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+    if not any(needs):
+        return (None,) * n_in
+    # A target outside the kept set has logp = -inf, a constant of the logits (tau is a constant selector): its
+    # upstream gradient is dropped before the kernels add it at the target.
+    g = torch.where(logp == float("-inf"), 0.0, grad_logp.float()).contiguous()
+    gh, gw, gb = torch.ops.lacot.fused_linear_token_logprobs_rowwise_backward(
+        g,
+        grad_entropy.float().contiguous() if compute_entropy else None,
+        hidden,
+        weight,
+        bias,
+        targets,
+        stats,
+        entropy,
+        tau,
+        temperature,
+        ignore_index,
+        needs,
+        deterministic,
+        rows_step,
+        backend,
+        precision,
+    )
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + (None,) * (n_in - 3)
+
+
+torch.library.register_autograd(
+    "lacot::fused_linear_token_logprobs_rowwise", _backward_rowwise, setup_context=_setup_context_rowwise
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 def fused_linear_token_logprobs(
@@ -658,6 +896,11 @@ def fused_linear_token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     precision: str = "default",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    sampler_order: str = "vllm",
+    deterministic: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without materializing the N x V logits.
 
@@ -676,6 +919,15 @@ def fused_linear_token_logprobs(
             dX / dW GEMMs (fp32 accumulation), as every peer does; ``"high"``: dlogits enter those GEMMs as a
             hi + lo pair of 16-bit tiles (two tensor-core GEMMs per product instead of one), which keeps the
             gradients at about fp32 accuracy. No effect for fp32 inputs (IEEE fp32 throughout).
+        top_k, top_p, min_p, sampler_order: the sampler's truncation, as in :func:`token_logprobs`: the log-prob
+            and entropy of ``softmax(logits / T)`` renormalized over the kept set (a target outside it gives
+            ``-inf`` and no gradient). Each row's threshold is computed from its own (rows x V) fp32 tile.
+        deterministic: batch-invariant mode (None: ``LACOT_BATCH_INVARIANT``): each row's ``logp``, entropy and
+            ``hidden`` gradient are bitwise independent of the other rows, the row count and the workspace size
+            (fixed 64-row GEMMs, zero-padded). ``weight``'s gradient is a sum over rows and is not.
+            With truncation or this mode every backend runs whole-row (rows x V) fp32 tiles bounded by the
+            workspace (``ops/fused_linear.py``: the row-wise variant; about one extra GEMM-pass of time on
+            Triton/CUDA, where the plain op keeps the tiles in registers); without them the op is the plain one.
 
     Returns:
         ``logp`` ``(...)`` float32, or ``(logp, entropy)``. Differentiable with respect to ``hidden``,
@@ -717,15 +969,24 @@ def fused_linear_token_logprobs(
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
     if precision not in _lm.PRECISIONS:
         raise ValueError(f"precision must be one of {_lm.PRECISIONS}, got {precision!r}")
+    _trunc.check_sampler_args(top_k, top_p, min_p, sampler_order)
+    det = _bi.enabled(deterministic)
 
     lead = hidden.shape[:-1]
     # Explicit row count: with D = 0 a reshape to (-1, 0) is ambiguous (the logits are then all bias, or 0).
     h = _checks.unit_stride_rows(hidden.reshape(targets.numel(), D))
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, _ = torch.ops.lacot.fused_linear_token_logprobs(
-        h, w, bias, t, temperature, ignore_index, bool(return_entropy), backend, precision
-    )
+    if _trunc.is_truncating(top_k, top_p, min_p) or det:
+        logp, entropy, _, _ = torch.ops.lacot.fused_linear_token_logprobs_rowwise(
+            h, w, bias, t, temperature, ignore_index, bool(return_entropy), top_k,
+            None if top_p is None else float(top_p), None if min_p is None else float(min_p), sampler_order, det,
+            _rows_step(V, det, h.device), backend, precision,
+        )  # fmt: skip
+    else:
+        logp, entropy, _ = torch.ops.lacot.fused_linear_token_logprobs(
+            h, w, bias, t, temperature, ignore_index, bool(return_entropy), backend, precision
+        )
     if return_entropy:
         return logp.view(lead), entropy.view(lead)
     return logp.view(lead)

@@ -923,6 +923,17 @@ def fused_linear_grpo_loss(
     dapo_normalizer: float | torch.Tensor | None = None,
     backend: str = "auto",
     precision: str = "default",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    sampler_order: str = "vllm",
+    rollout_logp: torch.Tensor | None = None,
+    is_correction: str = "none",
+    is_cap: float = 2.0,
+    is_band: tuple[float, float] = (0.5, 5.0),
+    is_level: str = "token",
+    ratio_level: str = "token",
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`grpo_loss` of ``logp = log_softmax((hidden @ weight.T + bias) / temperature)[targets]``,
     without the N x V logits, with the logits gradient formed in the forward pass (3 GEMMs instead of 4).
@@ -941,6 +952,16 @@ def fused_linear_grpo_loss(
             the sampling temperature).
         precision: ``"default" | "high"``, as in :func:`fused_linear_token_logprobs` (dlogits rounded to the
             input dtype before the dX / dW GEMMs, or carried as a hi + lo pair).
+        top_k, top_p, min_p, sampler_order: the rollout sampler's truncation: ``logp`` is then the log-prob
+            under the distribution the sampler drew from (see :func:`fused_linear_token_logprobs`); pass
+            ``old_logp`` / ``ref_logp`` computed with the same settings.
+        rollout_logp, is_correction, is_cap, is_band, is_level, ratio_level, deterministic: as in
+            :func:`grpo_loss` (rollout-mismatch weights, GSPO's sequence-level ratio, batch invariance).
+            With any of these (or a truncation) set the op runs in two exact passes: the fused log-probs of
+            every active token (:func:`fused_linear_token_logprobs`, whole-row tiles), then :func:`grpo_loss`
+            on them; the backward recomputes the logits tiles (one GEMM more than the one-pass path, which
+            forms the gradient in the forward). GSPO needs this: a token's gradient depends on its whole
+            sequence, so no token chunk can be finished alone.
 
     Returns:
         ``(loss, stats)`` as :func:`grpo_loss`. ``loss`` is differentiable with respect to ``hidden``,
@@ -1000,6 +1021,33 @@ def fused_linear_grpo_loss(
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
     if precision not in _lm.PRECISIONS:
         raise ValueError(f"precision must be one of {_lm.PRECISIONS}, got {precision!r}")
+    from . import batch_invariance, sampler_truncation
+
+    sampler_truncation.check_sampler_args(top_k, top_p, min_p, sampler_order)
+    det = batch_invariance.enabled(deterministic)
+    two_pass = (
+        sampler_truncation.is_truncating(top_k, top_p, min_p)
+        or rollout_logp is not None
+        or is_correction != "none"
+        or ratio_level != "token"
+        or det
+    )
+    if two_pass:
+        # Pass 1: log-probs of the active tokens (masked ones get an id no target can equal: never read, 0).
+        y = torch.where(m != 0, targets.to(torch.int64), _NO_IGNORE)
+        _checks.check_active_targets_in_range(targets, m != 0, V)
+        logp = _fl.fused_linear_token_logprobs(
+            hidden, weight, y, bias=bias, temperature=temperature, ignore_index=_NO_IGNORE, backend=backend,
+            precision=precision, top_k=top_k, top_p=top_p, min_p=min_p, sampler_order=sampler_order,
+            deterministic=det,
+        )  # fmt: skip
+        # Pass 2: the loss on them (its backward gives dloss/dlogp, which pass 1's backward takes to dX, dW).
+        return grpo_loss(
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
+            loss_type=loss_type, max_completion_length=max_completion_length, dapo_normalizer=dapo_normalizer,
+            backend=backend, rollout_logp=rollout_logp, is_correction=is_correction, is_cap=is_cap,
+            is_band=is_band, is_level=is_level, ratio_level=ratio_level, deterministic=det,
+        )  # fmt: skip
 
     grad_on = torch.is_grad_enabled()
     needs = [
