@@ -22,7 +22,9 @@ import trl.kernels  # noqa: E402
 import trl.kernels.chunked_logprob  # noqa: E402
 import trl.trainer.utils as trl_utils  # noqa: E402
 
+import lacot_kernels as lk  # noqa: E402
 import lacot_kernels.integrations.trl as lt  # noqa: E402
+from lacot_kernels import reference  # noqa: E402
 
 from .hf_tiny import tiny_qwen2, word_tokenizer  # noqa: E402
 
@@ -504,3 +506,113 @@ def test_logprob_path_peak_memory_lower_at_32k_vocab():
     tile_mib = B * T * vocab * 4 / 2**20
     print(f"\nlog-prob path peak extra RSS at V={vocab}, N={B * T}: {peaks} (one logits tile {tile_mib:.0f} MiB)")
     assert peaks["patched"] < 0.75 * peaks["unpatched"], peaks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rollout sampler's truncation and TRL's importance-sampling settings (issue 14)
+# ----------------------------------------------------------------------------------------------------------------
+def _grpo_config(tmp_path, **kw):
+    return trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **kw)
+
+
+def test_sampler_settings_read_trl_conventions(tmp_path):
+    assert lt.sampler_settings(_grpo_config(tmp_path)) == {}  # TRL's defaults: top_k 0, top_p 1, min_p None
+    got = lt.sampler_settings(_grpo_config(tmp_path, top_k=20, top_p=0.9, min_p=0.05))
+    assert got == {"top_k": 20, "top_p": 0.9, "min_p": 0.05, "sampler_order": "hf"}
+    assert lt.sampler_settings({"top_p": 0.8, "use_vllm": True}) == {"top_p": 0.8, "sampler_order": "vllm"}
+
+
+def test_patched_log_probs_follow_the_sampler_truncation(tmp_path):
+    cfg = _grpo_config(tmp_path, top_k=12, top_p=0.85)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 7, 97, generator=g) * 3
+    x = logits[:, :-1]  # TRL's slice layout
+    keep = reference.kept_mask(x, temperature=0.8, top_k=12, top_p=0.85, order="hf")
+    z = torch.where(keep, x.double() / 0.8, float("-inf"))
+    idx = torch.multinomial(torch.softmax(z, -1).view(-1, 97), 1, generator=g).view(3, 6)
+    want, want_ent = reference.token_logprobs_truncated(x, idx, keep, temperature=0.8)
+    with lt.patched(sampler=cfg):
+        got = trl_utils.selective_log_softmax(x, idx, temperature=0.8)
+        got2, ent = trl_utils.selective_log_softmax_and_entropy(x, idx, temperature=0.8)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got2.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), want_ent, atol=1e-5, rtol=0)
+    # Unpatched (or patched without a sampler) it is the untruncated log-prob again.
+    with lt.patched():
+        plain = trl_utils.selective_log_softmax(x, idx, temperature=0.8)
+    assert (plain < got - 1e-3).all()
+
+
+def test_fused_head_follows_the_sampler_truncation(tmp_path):
+    h, w, b, y = _head_case(seed=2)
+    logits = (h.double() @ w.double().T) + b.double()
+    T, scale = 0.9, 0.5
+    keep = reference.kept_mask(logits, temperature=T / scale, top_k=8, order="vllm")
+    z = torch.where(keep, logits * scale / T, float("-inf"))
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    want, want_ent = reference.token_logprobs_truncated(logits, y, keep, temperature=T / scale)
+    with lt.patched(sampler={"top_k": 8, "use_vllm": True}):
+        lp, ent, *_ = trl_utils._ChunkedLogProbFunction.apply(h, w, b, y, T, 128, None, scale, ("log_probs", "entropy"))
+    torch.testing.assert_close(lp.double(), want, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), want_ent, atol=2e-5, rtol=0)
+
+
+def test_patch_with_other_sampler_settings_conflicts():
+    lt.patch(sampler={"top_k": 5})
+    lt.patch(sampler={"top_k": 5})  # the same: nothing to do
+    with pytest.raises(ValueError, match="sampler settings"):
+        lt.patch(sampler={"top_k": 6})
+    lt.unpatch()
+    with pytest.raises(ValueError, match="top_p"):
+        lt.patch(sampler={"top_p": -0.5})
+    assert not lt.is_patched()
+
+
+@pytest.mark.parametrize(
+    "mode,clip_min,want",
+    [
+        ("token_truncate", None, dict(is_correction="tis", is_cap=3.0, is_level="token")),
+        ("token_mask", None, dict(is_correction="mis", is_cap=3.0, is_level="token")),
+        ("sequence_mask", None, dict(is_correction="mis", is_cap=3.0, is_level="sequence")),
+        ("sequence_truncate", None, dict(is_correction="tis", is_cap=3.0, is_level="sequence")),
+        ("token_mask", 0.5, dict(is_correction="icepop", is_band=(0.5, 3.0), is_level="token")),
+    ],
+)
+def test_grpo_loss_kwargs_map_trls_importance_sampling(tmp_path, mode, clip_min, want):
+    cfg = _grpo_config(
+        tmp_path, use_vllm=True, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip_min,
+        epsilon=0.2, epsilon_high=0.28, importance_sampling_level="sequence", loss_type="grpo", top_p=0.9,
+    )  # fmt: skip
+    kw = lt.grpo_loss_kwargs(cfg)
+    for k, v in want.items():
+        assert kw[k] == v, (k, kw)
+    assert kw["eps_low"] == 0.2 and kw["eps_high"] == 0.28 and kw["ratio_level"] == "sequence"
+    assert kw["top_p"] == 0.9 and kw["sampler_order"] == "vllm"
+    # The kwargs are accepted by the loss as they are.
+    B, T = 2, 5
+    lp = torch.randn(B, T) - 2
+    lk.grpo_loss(lp, lp + 0.01, torch.randn(B), torch.ones(B, T), rollout_logp=lp - 0.05, **{
+        k: v for k, v in kw.items() if k not in ("top_k", "top_p", "min_p", "sampler_order")
+    })  # fmt: skip
+
+
+def test_grpo_loss_kwargs_match_trls_ratio_on_its_formula():
+    # TRL's token_mask: rho = exp((old - sampling) * mask), zeroed outside [clip_min, clip_max]; ours: icepop.
+    g = torch.Generator().manual_seed(0)
+    old, samp = torch.randn(3, 6, generator=g) - 2, torch.randn(3, 6, generator=g) - 2
+    mask = (torch.rand(3, 6, generator=g) > 0.3).float()
+    rho = torch.exp((old - samp) * mask)
+    trl_w = rho.masked_fill((rho < 0.5) | (rho > 3.0), 0.0)
+    ours, _ = lk.rollout_is_weights(old, samp, mask, mode="icepop", band=(0.5, 3.0))
+    torch.testing.assert_close(ours * mask, trl_w * mask)
+
+
+def test_grpo_loss_kwargs_refuse_what_has_no_equivalent():
+    with pytest.raises(ValueError, match="loss_type"):
+        lt.grpo_loss_kwargs({"loss_type": "cispo"})
+    with pytest.raises(ValueError, match="two-sided"):
+        lt.grpo_loss_kwargs(
+            {"use_vllm": True, "vllm_importance_sampling_correction": True,
+             "vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_min": 0.5}
+        )  # fmt: skip
+    assert "is_correction" not in lt.grpo_loss_kwargs({"use_vllm": False, "vllm_importance_sampling_correction": True})

@@ -149,6 +149,19 @@ class GRPOConfig:
     scale: str = "group"  # advantage scaling: group | batch | none
     correct_reward: float = 1.0  # reward of an exactly matching answer
     format_reward: float = 0.1  # reward of a well-formed chain (rationale closed, answer closed)
+    # The rollout sampler's truncation (vLLM's order). The trained log-probs are taken under the same truncation,
+    # so the ratio compares the distribution the tokens were really drawn from (trl#6789).
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    # Rollout-mismatch correction: the sampler's log-probs are recorded during generation and weight the
+    # policy-gradient term by rho = pi_old / pi_rollout (lacot_kernels.grpo_loss: tis | mis | icepop | none).
+    is_correction: str = "none"
+    is_cap: float = 2.0  # tis: min(rho, cap); mis: rho masked above cap
+    is_band_low: float = 0.5  # icepop: rho masked outside [low, high]
+    is_band_high: float = 5.0
+    is_level: str = "token"  # token | sequence (rho of the whole sequence)
+    ratio_level: str = "token"  # token (GRPO) | sequence (GSPO; use eps_low ~ 3e-4, eps_high ~ 4e-4)
 
 
 @dataclass
@@ -171,6 +184,11 @@ class LaCoTConfig:
     subtb_decay: float = 1.0  # weight decay^(k-1) of a sub-trajectory of k transitions (1 = plain SubTB)
     reduction: str = "sum"  # sum (the paper) | mean (the official code's pooled mean over sub-trajectories)
     anchor_chunk: int = 64  # anchors scored per suffix pass (bounds the reward pass memory)
+    # Truncation of the exploration sampler (vLLM's order; 0 / 1 / 0 = off). SubTB is an off-policy objective:
+    # its log-probs stay those of the untruncated policy q_θ, whatever sampler proposed the rationales.
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
 
 
 @dataclass
@@ -235,6 +253,15 @@ class Config:
             self.grpo.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"), "grpo.loss_type", "grpo|bnpo|dr_grpo|dapo", None
         )
         need(self.grpo.temperature > 0, "grpo.temperature", "> 0", self.grpo.temperature)
+        gp = self.grpo
+        need(gp.top_k >= 0, "grpo.top_k", ">= 0 (0 = off)", gp.top_k)
+        need(0 < gp.top_p <= 1, "grpo.top_p", "in (0, 1] (1 = off)", gp.top_p)
+        need(0 <= gp.min_p <= 1, "grpo.min_p", "in [0, 1] (0 = off)", gp.min_p)
+        need(gp.is_correction in ("none", "tis", "mis", "icepop"), "grpo.is_correction", "none|tis|mis|icepop", None)
+        need(gp.is_cap > 0, "grpo.is_cap", "> 0", gp.is_cap)
+        need(0 <= gp.is_band_low <= gp.is_band_high, "grpo.is_band_low", "in [0, is_band_high]", gp.is_band_low)
+        need(gp.is_level in ("token", "sequence"), "grpo.is_level", "token | sequence", gp.is_level)
+        need(gp.ratio_level in ("token", "sequence"), "grpo.ratio_level", "token | sequence", gp.ratio_level)
         need(self.dpo.num_samples >= 2, "dpo.num_samples", ">= 2", self.dpo.num_samples)
         need(
             self.dpo.loss_type in ("sigmoid", "ipo", "hinge", "robust"), "dpo.loss_type", "sigmoid|ipo|hinge|robust", 0
@@ -249,6 +276,9 @@ class Config:
         need(lc.subtb_decay >= 0, "lacot.subtb_decay", ">= 0", lc.subtb_decay)
         need(lc.anchor_chunk >= 1, "lacot.anchor_chunk", ">= 1", lc.anchor_chunk)
         need(lc.reduction in ("sum", "mean"), "lacot.reduction", "sum | mean", lc.reduction)
+        need(lc.top_k >= 0, "lacot.top_k", ">= 0 (0 = off)", lc.top_k)
+        need(0 < lc.top_p <= 1, "lacot.top_p", "in (0, 1] (1 = off)", lc.top_p)
+        need(0 <= lc.min_p <= 1, "lacot.min_p", "in [0, 1] (0 = off)", lc.min_p)
         need(self.bin.num_samples >= 1, "bin.num_samples", ">= 1", self.bin.num_samples)
         need(self.bin.reduce in ("mean", "logmeanexp"), "bin.reduce", "mean | logmeanexp", self.bin.reduce)
         need(self.bin.scorer in ("policy", "reference"), "bin.scorer", "policy | reference", self.bin.scorer)

@@ -24,6 +24,14 @@ final-logit soft-capping (Gemma 2 style; not linear in the head), a non-positive
 top-K index gathers, output fields a future TRL adds, and DeepSpeed ZeRO-3 (its partitioned head must be
 re-gathered in the backward, which only TRL's own function does).
 
+The rollout sampler's truncation: ``patch(sampler=grpo_config)`` reads TRL's ``top_k`` / ``top_p`` / ``min_p``
+(and ``use_vllm``: vLLM's filter order, else transformers') and computes every patched log-prob and entropy under
+it (:func:`lacot_kernels.token_logprobs` with ``top_k=...``), so TRL's policy ratio and its vLLM
+importance-sampling ratio compare the distribution the tokens were drawn from (trl#6789). TRL applies its own
+importance-sampling correction in its loss; :func:`grpo_loss_kwargs` translates those settings (and
+``importance_sampling_level``) into :func:`lacot_kernels.grpo_loss` / ``fused_linear_grpo_loss`` arguments for a
+loop that calls our losses with a TRL ``GRPOConfig``.
+
 Differences from TRL, by design: log-probs and entropies are float32 whatever the logits dtype (TRL's
 ``selective_log_softmax`` returns the logits dtype), and the head's logits are accumulated in fp32 (TRL rounds each
 tile to the compute dtype first), so bf16 runs differ from TRL at bf16 rounding level; fp32 runs agree to ~1e-6.
@@ -50,8 +58,10 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "FusedHeadLogProbs",
     "UnsupportedTRLVersionError",
+    "grpo_loss_kwargs",
     "is_patched",
     "patch",
+    "sampler_settings",
     "patched",
     "unpatch",
 ]
@@ -81,6 +91,7 @@ class _State:
     # (module, attribute, original object): everything setattr'ed, in order, so unpatch() can put it back.
     replaced: list[tuple[ModuleType, str, object]] = field(default_factory=list)
     originals: dict[str, object] = field(default_factory=dict)
+    sampler: dict[str, object] = field(default_factory=dict)  # top_k / top_p / min_p / sampler_order
 
 
 _STATE: _State | None = None
@@ -92,7 +103,8 @@ def _fallback_warning(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
-            f"lacot_kernels.integrations.trl: {reason}; this call uses TRL's original function",
+            f"lacot_kernels.integrations.trl: {reason}; this call uses TRL's original function"
+            + (" (without the sampler truncation)" if _sampler() else ""),
             RuntimeWarning,
             stacklevel=3,
         )
@@ -100,6 +112,78 @@ def _fallback_warning(reason: str) -> None:
 
 def _backend() -> str:
     return _STATE.backend if _STATE is not None else "auto"
+
+
+def _sampler() -> dict[str, object]:
+    return dict(_STATE.sampler) if _STATE is not None else {}
+
+
+def _get(args: object, name: str, default: object = None) -> object:
+    return args.get(name, default) if isinstance(args, dict) else getattr(args, name, default)
+
+
+def sampler_settings(args: object) -> dict[str, object]:
+    """The truncation keywords of our ops (``top_k``, ``top_p``, ``min_p``, ``sampler_order``) from a TRL
+    ``GRPOConfig`` (or a dict with those keys), in TRL's conventions: ``top_k`` 0 or None = off, ``top_p`` 1 =
+    off, ``min_p`` None or 0 = off; vLLM's filter order when ``use_vllm`` is set, else transformers'. Empty when
+    nothing truncates."""
+    top_k, top_p, min_p = _get(args, "top_k"), _get(args, "top_p"), _get(args, "min_p")
+    out: dict[str, object] = {}
+    if top_k is not None and int(top_k) > 0:
+        out["top_k"] = int(top_k)
+    if top_p is not None and float(top_p) < 1.0:
+        out["top_p"] = float(top_p)
+    if min_p is not None and float(min_p) > 0.0:
+        out["min_p"] = float(min_p)
+    if out:
+        out["sampler_order"] = "vllm" if _get(args, "use_vllm", False) else "hf"
+    return out
+
+
+def grpo_loss_kwargs(args: object) -> dict[str, object]:
+    """TRL ``GRPOConfig`` -> keyword arguments of :func:`lacot_kernels.grpo_loss` / ``fused_linear_grpo_loss``.
+
+    Covers the clip range (``epsilon``, ``epsilon_high``), ``beta``, ``loss_type`` (grpo, bnpo, dr_grpo, dapo),
+    ``importance_sampling_level`` (``"sequence"`` -> ``ratio_level="sequence"``, GSPO), the vLLM
+    importance-sampling correction (``token_truncate`` -> tis, ``token_mask`` -> mis, or icepop when
+    ``vllm_importance_sampling_clip_min`` is set; ``sequence_*`` the same with ``is_level="sequence"``: TRL's
+    sequence ratio is the product of the token ratios, as ours) and the sampler truncation. The caller passes
+    ``rollout_logp`` (TRL's ``sampling_per_token_logps``). Raises ValueError for settings with no equivalent.
+    """
+    kw: dict[str, object] = {}
+    eps = _get(args, "epsilon", 0.2)
+    kw["eps_low"] = float(eps)
+    eps_high = _get(args, "epsilon_high")
+    kw["eps_high"] = float(eps_high) if eps_high is not None else None
+    kw["beta"] = float(_get(args, "beta", 0.0) or 0.0)
+    loss_type = _get(args, "loss_type", "dapo")
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"TRL loss_type {loss_type!r} has no lacot_kernels equivalent (grpo, bnpo, dr_grpo, dapo)")
+    kw["loss_type"] = loss_type
+    level = _get(args, "importance_sampling_level", "token")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"TRL importance_sampling_level {level!r} has no lacot_kernels equivalent")
+    kw["ratio_level"] = level
+    if _get(args, "use_vllm", False) and _get(args, "vllm_importance_sampling_correction", False):
+        mode = str(_get(args, "vllm_importance_sampling_mode", "sequence_mask"))
+        lo = _get(args, "vllm_importance_sampling_clip_min")
+        hi = _get(args, "vllm_importance_sampling_clip_max", 3.0)
+        kind = mode.split("_")[-1]
+        if mode not in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+            raise ValueError(f"TRL vllm_importance_sampling_mode {mode!r} is not known")
+        if kind == "truncate":
+            if lo is not None or hi is None:
+                raise ValueError("TRL's two-sided truncation (clip_min set, or no clip_max) has no equivalent")
+            kw.update(is_correction="tis", is_cap=float(hi))
+        elif lo is not None:
+            kw.update(is_correction="icepop", is_band=(float(lo), float(hi) if hi is not None else math.inf))
+        else:
+            if hi is None:
+                raise ValueError("TRL's mask mode without clip_min or clip_max masks nothing: use 'none'")
+            kw.update(is_correction="mis", is_cap=float(hi))
+        kw["is_level"] = mode.split("_")[0]
+    kw.update(sampler_settings(args))
+    return kw
 
 
 def _original(name: str):
@@ -130,7 +214,7 @@ def _op_accepts_logits(logits: object, index: object | None = None) -> str | Non
 def _per_row_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
     # Trainers pass logits[:, :-1]; the helper scores such slices without copying them.
     return token_logprobs_any_layout(
-        logits, targets, temperature=temperature, return_entropy=entropy, backend=_backend()
+        logits, targets, temperature=temperature, return_entropy=entropy, backend=_backend(), **_sampler()
     )
 
 
@@ -333,6 +417,7 @@ class FusedHeadLogProbs:
                 temperature=float(temperature) / float(logit_scale),
                 return_entropy=want_entropy,
                 backend=_backend(),
+                **_sampler(),
             )
             extra = _head_metrics(h, w, b, targets, float(logit_scale) / float(temperature), metrics) if metrics else {}
         logp, ent = res if want_entropy else (res, None)
@@ -388,12 +473,15 @@ def is_patched() -> bool:
     return _STATE is not None
 
 
-def patch(backend: str = "auto", *, check_version: bool = True) -> None:
+def patch(backend: str = "auto", *, check_version: bool = True, sampler: object | None = None) -> None:
     """Route TRL's per-token log-probs and entropies through lacot_kernels' ops (see the module docstring).
 
     Args:
         backend: ``"auto" | "cuda" | "triton" | "torch"``, passed to every op call.
         check_version: raise :class:`UnsupportedTRLVersionError` unless trl is in :data:`SUPPORTED_VERSIONS`.
+        sampler: a TRL ``GRPOConfig`` (or a dict) whose ``top_k`` / ``top_p`` / ``min_p`` the rollouts use
+            (:func:`sampler_settings`): every patched log-prob and entropy is then taken under that truncation.
+            Cases that fall back to TRL's own function (see above) are not truncated; the warning says so.
 
     Calling it again while patched with the same backend does nothing; with another backend it raises
     ValueError (``unpatch()`` first). Raises ImportError when trl is not installed, and
@@ -404,8 +492,20 @@ def patch(backend: str = "auto", *, check_version: bool = True) -> None:
         raise ValueError(f"backend must be one of {_registry.BACKENDS}, got {backend!r}")
     if not isinstance(check_version, bool):
         raise TypeError(f"check_version must be a bool, got {type(check_version).__name__}")
+    settings = sampler_settings(sampler) if sampler is not None else {}
+    if settings:
+        from ..ops import sampler_truncation
+
+        sampler_truncation.check_sampler_args(
+            settings.get("top_k"), settings.get("top_p"), settings.get("min_p"), settings["sampler_order"]
+        )
     with _LOCK:
         if _STATE is not None:
+            if _STATE.sampler != settings:
+                raise ValueError(
+                    f"TRL is already patched with sampler settings {_STATE.sampler}; call unpatch() before "
+                    f"patching with {settings}"
+                )
             if _STATE.backend != backend:
                 raise ValueError(
                     f"TRL is already patched with backend={_STATE.backend!r}; call unpatch() before patching with "
@@ -444,7 +544,7 @@ def patch(backend: str = "auto", *, check_version: bool = True) -> None:
                 f"(ChunkedLogProbFunction); lacot_kernels.integrations.trl supports trl{SUPPORTED_VERSIONS}"
             )
 
-        state = _State(backend=backend, trl_version=version, originals=originals)
+        state = _State(backend=backend, trl_version=version, originals=originals, sampler=settings)
         new = _replacements()
         # Every trl module that holds one of the originals under its usual name gets the replacement: the defining
         # module, and those that did `from .utils import selective_log_softmax` (their own binding).
@@ -481,11 +581,11 @@ def unpatch() -> None:
 
 
 @contextlib.contextmanager
-def patched(backend: str = "auto", *, check_version: bool = True) -> Iterator[None]:
+def patched(backend: str = "auto", *, check_version: bool = True, sampler: object | None = None) -> Iterator[None]:
     """``with patched(): trainer.train()`` - patch for the block, unpatch after it (unless it was already
     patched when the block began, in which case it stays patched)."""
     was_patched = is_patched()
-    patch(backend, check_version=check_version)
+    patch(backend, check_version=check_version, sampler=sampler)
     try:
         yield
     finally:

@@ -35,6 +35,8 @@ Masked tokens (M == 0) contribute exactly 0 to the loss, the statistics and the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks, _registry
@@ -50,6 +52,13 @@ STAT_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/r
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+@jit
+def _kl_grad(d, beta):
+    """d(beta * k3)/dlogp = beta (1 - e^d), d = ref - logp, as beta - e^(d + log beta): e^d alone overflows fp32
+    (d > 88.7) while beta e^d still fits; the overflowing intermediate gave inf, then inf * 0 = NaN in dlogits."""
+    return beta - tl.exp(d + tl.log(beta))
+
+
 @jit
 def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
     """(l, dl/dlogp, kl, low-clipped, high-clipped) of tokens; every input already fp32."""
@@ -72,7 +81,7 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
         kl = e - d - 1.0
         # beta = 0 (KL only reported): adding 0 * kl would turn a kl that overflows fp32 (inf) into a NaN loss.
         loss += tl.where(beta != 0.0, beta * kl, 0.0)
-        dloss += tl.where(beta != 0.0, beta * (1.0 - e), 0.0)
+        dloss += tl.where(beta != 0.0, _kl_grad(d, beta), 0.0)
     else:
         kl = tl.zeros_like(lp)
     return loss, dloss, kl, low, high
@@ -248,6 +257,11 @@ def _bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
     return 1.0 - eps_low, 1.0 + eps_high
 
 
+def kl_grad_torch(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta (1 - e^d) without the overflowing intermediate e^d (see _kl_grad); beta > 0."""
+    return beta - torch.exp(d + math.log(beta))
+
+
 def _grpo_token_torch(lp, old, ref, adv, beta, lo, hi):
     ratio = torch.exp(lp - old)
     clipped = ratio.clamp(lo, hi)
@@ -261,7 +275,7 @@ def _grpo_token_torch(lp, old, ref, adv, beta, lo, hi):
         kl = e - d - 1.0
         if beta != 0.0:  # with beta = 0 a kl that overflows fp32 (inf) must not make the loss 0 * inf = NaN
             loss = loss + beta * kl
-            dloss = dloss + beta * (1.0 - e)
+            dloss = dloss + kl_grad_torch(d, beta)
     else:
         kl = torch.zeros_like(lp)
     return loss, dloss, kl, low, high

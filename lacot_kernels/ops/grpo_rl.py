@@ -189,7 +189,7 @@ def _grpo_rl_bwd_kernel(
                 dloss = tl.load(isw_ptr + off, mask=tm & on, other=0.0) * dloss
         if HAS_REF:
             ref = tl.load(ref_ptr + off, mask=tm & on, other=0.0).to(tl.float32)
-            dloss += beta * (1.0 - tl.exp(ref - lp))
+            dloss += tl.where(beta != 0.0, _g._kl_grad(ref - lp, beta), 0.0)
         grad = tl.where(on, g * w * dloss, 0.0)
         tl.store(out_ptr + off, grad.to(out_ptr.dtype.element_ty), mask=tm)
 
@@ -323,7 +323,8 @@ def _bwd_torch(grad_loss, logp, old, adv, mask, ref, isw, scale, beta, lo, hi, s
         if w is not None:
             dloss = w * dloss
     if r is not None:
-        dloss = dloss + beta * (1.0 - (r - lp).exp())
+        if beta != 0.0:
+            dloss = dloss + _g.kl_grad_torch(r - lp, beta)
     g = grad_loss.float() * scale[:, None] * mask
     return torch.where(on, g * dloss, 0.0).to(logp.dtype)
 

@@ -662,6 +662,15 @@ def _fgrpo_oracle(c):
         for k, v in stats.items():
             res[f"stat:{k}"] = (v, tol_kl if k == "kl" else tol_clip, torch.float32)
         _drop_overflowing_grads(res, Gabs, c["hidden"].dtype)
+        # The per-token coefficient before the aggregation weights, |r A| + beta e^(ref - logp), must fit fp32:
+        # the kernels form it, then scale it by c_b M / T. Beyond (probability ratios beyond e^88) the input
+        # gradients are inf / NaN on every backend (README: bad-input contract); the forward is still checked.
+        coef = (r * adv[:, None]).abs()
+        if ref is not None and c["kw"]["beta"] != 0:
+            coef = coef + c["kw"]["beta"] * torch.exp(d)
+        if bool((torch.where(on, coef, z) > torch.finfo(torch.float32).max / 2).any()):
+            for k in ("d_hidden", "d_weight", "d_bias"):
+                res.pop(k, None)
     return res
 
 

@@ -5,6 +5,10 @@ rewards (exact match on the answer + a format bonus) -> ``lacot_kernels.group_ad
 with the forward-only fused op (and reference log-probs when ``beta > 0``) -> ``updates_per_batch`` optimizer
 updates of ``lacot_kernels.fused_linear_grpo_loss`` on the same samples. Trained tokens: the rationale, ⊤,
 the answer and its end; the forced answer header is masked out.
+
+With ``grpo.top_k / top_p / min_p`` the rollouts are truncated and every log-prob (old, reference, trained) is
+taken under the same truncation; with ``grpo.is_correction`` the sampler's own log-probs are recorded during
+generation and passed as ``rollout_logp`` (the rollout-mismatch weights); ``grpo.ratio_level=sequence`` is GSPO.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class GRPOMicroBatch:
     batch: Batch  # the micro-batch's rows, padded to the whole batch's completion length
     targets: torch.Tensor  # (b, T) int64, IGNORE where not trained
     old_logp: torch.Tensor  # (b, T) fp32, the policy's log-probs when the batch was sampled
+    rollout_logp: torch.Tensor | None  # (b, T) fp32, the sampler's log-probs (grpo.is_correction != none)
     ref_logp: torch.Tensor | None  # (b, T) fp32 when grpo.beta > 0
     adv: torch.Tensor  # (b,) fp32
     mask: torch.Tensor  # (b, T) fp32
@@ -45,6 +50,7 @@ class GRPO(Algorithm):
         tr, codec, g = self.tr, self.tr.codec, self.cfg.grpo
         G, temp = g.group_size, g.temperature
         prompts = [codec.prompt(e) for e in examples for _ in range(G)]
+        record = g.is_correction != "none"
         chains = sample_chains(
             tr.model,
             codec,
@@ -53,6 +59,8 @@ class GRPO(Algorithm):
             max_answer_tokens=self.cfg.train.answer_max_tokens,
             rationale_temperature=temp,
             answer_temperature=temp,
+            return_logp=record,
+            **self.sampler(),
         )
         golds = [e.answer for e in examples for _ in range(G)]
         correct = torch.tensor(
@@ -79,6 +87,17 @@ class GRPO(Algorithm):
             mask[b, : len(m)] = torch.tensor(m, dtype=torch.float32)
         targets = batch.completion.masked_fill(mask == 0, IGNORE)
         n_tokens = float(mask.sum())
+        rollout_logp = None
+        if record:
+            # Same layout as codec.chain: Z ⊤ | header (forced, 0) | Y end; a token that was forced, not sampled
+            # (⊤ after the budget, a missing end), is masked out and gets 0.
+            rollout_logp = torch.zeros(batch.completion.shape, dtype=torch.float32)
+            for b, c in enumerate(chains):
+                z = c.rationale_logp + [0.0] * (len(c.rationale) + 1 - len(c.rationale_logp))
+                y = c.answer_logp + [0.0] * (len(c.answer) + 1 - len(c.answer_logp))
+                row = z + [0.0] * len(codec.answer_header_ids) + y
+                rollout_logp[b, : len(row)] = torch.tensor(row)
+            rollout_logp = rollout_logp.to(tr.device) * mask
 
         with torch.no_grad():
             old_logp = self._logprobs(tr.policy, batch, targets)
@@ -86,6 +105,22 @@ class GRPO(Algorithm):
             if g.beta > 0:
                 with tr.reference() as ref:
                     ref_logp = self._logprobs(Policy(ref), batch, targets)
+        # Under truncation a sampled token can fall just outside the trainer's kept set (its logits differ from
+        # the sampler's by rounding at the boundary): its log-prob is -inf and its ratio undefined. Such tokens
+        # are dropped from the loss (counted in "truncation_dropped").
+        dropped = (mask != 0) & ~torch.isfinite(old_logp)
+        if ref_logp is not None:
+            dropped |= (mask != 0) & ~torch.isfinite(ref_logp)
+        n_dropped = int(dropped.sum())
+        if n_dropped:
+            mask = mask.masked_fill(dropped, 0.0)
+            targets = targets.masked_fill(dropped, IGNORE)
+            old_logp = old_logp.masked_fill(dropped, 0.0)
+            if ref_logp is not None:
+                ref_logp = ref_logp.masked_fill(dropped, 0.0)
+            if rollout_logp is not None:
+                rollout_logp = rollout_logp.masked_fill(dropped, 0.0)
+            n_tokens = float(mask.sum())
 
         mbs = []
         for sl in chunks(len(prompts), self.cfg.train.micro_batch_size):
@@ -94,6 +129,7 @@ class GRPO(Algorithm):
                     batch=build_batch(codec, prompts[sl], comps[sl], tr.device, min_t=batch.T),
                     targets=targets[sl],
                     old_logp=old_logp[sl],
+                    rollout_logp=None if rollout_logp is None else rollout_logp[sl],
                     ref_logp=None if ref_logp is None else ref_logp[sl],
                     adv=adv[sl],
                     mask=mask[sl],
@@ -110,6 +146,7 @@ class GRPO(Algorithm):
                 "format": float(fmt.mean()),
                 "frac_reward_zero_std": float((groups.max(1).values == groups.min(1).values).float().mean()),
                 "completion_tokens": n_tokens / len(prompts),
+                "truncation_dropped": float(n_dropped),
             },
         )
 
@@ -135,6 +172,13 @@ class GRPO(Algorithm):
                 # dapo: every micro-batch divides by the batch's token count, so their sum is the batch's loss
                 dapo_normalizer=mb.n_tokens if g.loss_type == "dapo" else None,
                 backend=self.cfg.model.backend,
+                rollout_logp=mb.rollout_logp,
+                is_correction=g.is_correction,
+                is_cap=g.is_cap,
+                is_band=(g.is_band_low, g.is_band_high),
+                is_level=g.is_level,
+                ratio_level=g.ratio_level,
+                **self.sampler(),
             )
 
         loss, stats = policy(mb.batch.model_inputs(), head)
@@ -142,11 +186,21 @@ class GRPO(Algorithm):
             loss = loss * mb.share
         return loss, {k: float(v) * mb.share for k, v in stats.items()}
 
+    def sampler(self) -> dict:
+        """The rollout truncation as keyword arguments (None = off), for the sampler and every log-prob."""
+        g = self.cfg.grpo
+        return dict(
+            top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None, min_p=g.min_p if g.min_p > 0 else None
+        )
+
     def _logprobs(self, policy, batch, targets) -> torch.Tensor:
         temp, backend = self.cfg.grpo.temperature, self.cfg.model.backend
+        sampler = self.sampler()
 
         def head(h, w, bias):
             hs, w, bias = compute_dtype(completion_hidden(h, batch.prompt_len, batch.T), w, bias)
-            return lk.fused_linear_token_logprobs(hs, w, targets, bias=bias, temperature=temp, backend=backend)
+            return lk.fused_linear_token_logprobs(
+                hs, w, targets, bias=bias, temperature=temp, backend=backend, **sampler
+            )
 
         return policy(batch.model_inputs(), head)

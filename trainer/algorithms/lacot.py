@@ -93,6 +93,9 @@ class LaCoT(Algorithm):
                 eos_id=codec.terminator_id,
                 temperature=self.temperatures(len(rows)),
                 min_new_tokens=c.min_new_tokens,
+                top_k=c.top_k or None,
+                top_p=c.top_p if c.top_p < 1 else None,
+                min_p=c.min_p if c.min_p > 0 else None,
             )
         group = m + 1
         prompts, rationales, finished, suffixes = [], [], [], []
