@@ -6,6 +6,9 @@ Two tables, forward + backward:
   today (torch eager: sort, cumulative sum, mask, log_softmax, gather; what NeMo-RL's chunked path does per chunk);
 * ``grpo_loss_rl``: TIS / MIS / IcePop rollout correction, GSPO sequence ratios and the deterministic mode, against
   the plain ``grpo_loss`` and a torch-eager TIS loss (TRL's formula).
+* ``fused_linear_rl``: the same features in the fused LM-head ops (``fused_linear_token_logprobs`` with top-p /
+  top-k / min-p / deterministic, ``fused_linear_grpo_loss`` with TIS and GSPO, two exact passes) against the plain
+  fused ops of the same backend.
 Errors are against the fp64 references (``reference.token_logprobs_truncated`` / ``reference.grpo_loss_rl``); the
 grpo table's "logp" error column holds the loss error.
 """
@@ -56,6 +59,29 @@ GRPO_PROVIDERS = {
 }
 
 
+# ---- the fused LM-head ops ---------------------------------------------------------------------------------------
+FUSED_SHAPES = {
+    "smoke": [((64, 64, 1000), "fp32", ())],
+    "full-cpu": [((512, 256, 32000), "fp32", ())],
+    "full-gpu": [((8192, 4096, 152064), "bf16", GPU)],
+}
+# provider -> (backend, op, keyword arguments); "plain" rows are the cost baselines.
+FUSED_PROVIDERS = {
+    f"lacot-{b}-{name}": (b, op, kw)
+    for b in ("cuda", "triton", "torch")
+    for name, op, kw in (
+        ("logp-plain", "logp", {}),
+        ("logp-top_p", "logp", dict(top_p=TOP_P)),
+        ("logp-top_k", "logp", dict(top_k=TOP_K)),
+        ("logp-min_p", "logp", dict(min_p=MIN_P)),
+        ("logp-deterministic", "logp", dict(deterministic=True)),
+        ("grpo-plain", "grpo", {}),
+        ("grpo-tis", "grpo", dict(is_correction="tis")),
+        ("grpo-gspo", "grpo", dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4)),
+    )
+}
+
+
 def _shapes(table: dict, size: str):
     if size == "smoke":
         return table["smoke"]
@@ -78,6 +104,13 @@ def pytest_generate_tests(metafunc):
             for p in GRPO_PROVIDERS:
                 params.append(pytest.param(case, p, marks=marks, id=f"{case.param_id()}-{p}"))
         metafunc.parametrize("grpo_case,provider", params)
+    if "fused_case" in metafunc.fixturenames:
+        params = []
+        for (N, D, V), dtype, marks in _shapes(FUSED_SHAPES, size):
+            case = H.Case("fused_linear_rl", "fwd_bwd", False, (("N", N), ("D", D), ("V", V)), dtype, 0.0, size)
+            for p in FUSED_PROVIDERS:
+                params.append(pytest.param(case, p, marks=marks, id=f"{case.param_id()}-{p}"))
+        metafunc.parametrize("fused_case,provider", params)
 
 
 _TLP: dict = {}
@@ -219,4 +252,88 @@ def test_grpo_loss_rl(grpo_case, provider, benchmark):
         prepare=lambda: None,
         check=lambda out: {"logp": H.max_abs_err(out[0], ref)},
         full_rounds=5,
+    )
+
+
+_FUSED: dict = {}
+
+
+def _fused_inputs(case: H.Case) -> dict:
+    def build():
+        N, D, V = case.dims["N"], case.dims["D"], case.dims["V"]
+        gen = torch.Generator(device=H.DEVICE).manual_seed(0)
+        dev = H.DEVICE
+        h = torch.randn(N, D, generator=gen, device=dev).to(case.torch_dtype)
+        w = (torch.randn(V, D, generator=gen, device=dev) * D**-0.5 * 2).to(case.torch_dtype)
+        B = max(1, N // 128)
+        T = N // B
+        with torch.no_grad():
+            y = lk.fused_linear_token_logprobs  # the argmax is in every kept set: finite log-probs everywhere
+            targets = torch.cat([(h[r0 : r0 + 1024].float() @ w.float().T).argmax(-1) for r0 in range(0, N, 1024)])
+            lp = y(h, w, targets)
+        old = lp + 0.05 * torch.randn(N, generator=gen, device=dev)
+        return dict(
+            h=h, w=w, targets=targets, B=B, T=T, old=old.view(B, T), roll=(old + 0.2 * torch.randn(
+                N, generator=gen, device=dev)).view(B, T), adv=torch.randn(B, generator=gen, device=dev),
+            mask=torch.ones(B, T, device=dev), g=torch.randn(N, generator=gen, device=dev),
+        )  # fmt: skip
+
+    return H.cached_inputs(_FUSED, (case.shape, case.dtype), build)
+
+
+def _fused_ref(inp: dict, op: str, kw: dict) -> torch.Tensor:
+    """fp64 reference of the logp (logp rows) or of the loss (grpo rows), cached per setting."""
+    key = (op,) + tuple(sorted((k, v) for k, v in kw.items() if k != "deterministic"))
+    if key not in inp:
+        h, w, y = inp["h"], inp["w"], inp["targets"]
+        lp = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
+        step = max(1, (1 << 23) // w.shape[0])
+        trunc = {k: v for k, v in kw.items() if k in ("top_p", "top_k", "min_p")}
+        for r0 in range(0, h.shape[0], step):
+            x = h[r0 : r0 + step].double() @ w.double().T
+            keep = reference.kept_mask(x, **trunc) if trunc else torch.ones_like(x, dtype=torch.bool)
+            lp[r0 : r0 + step] = reference.token_logprobs_truncated(x, y[r0 : r0 + step], keep)[0]
+        if op == "logp":
+            inp[key] = lp
+        else:
+            B, T = inp["B"], inp["T"]
+            isw = None
+            if "is_correction" in kw:
+                isw = reference.rollout_is_weights(inp["old"], inp["roll"], inp["mask"], mode=kw["is_correction"])
+            rkw = {k: v for k, v in kw.items() if k in ("eps_low", "eps_high", "ratio_level")}
+            inp[key] = reference.grpo_loss_rl(lp.view(B, T), inp["old"], inp["adv"], inp["mask"], is_weight=isw, **rkw)[0]
+    return inp[key]
+
+
+def test_fused_linear_rl(fused_case, provider, benchmark):
+    case = fused_case
+    backend, op, kw = FUSED_PROVIDERS[provider]
+    missing = H.lacot_missing(f"lacot-{backend}", case) if backend != "torch" else None
+    inp = _fused_inputs(case) if missing is None else {}
+    ref = _fused_ref(inp, op, kw) if inp else None
+
+    def run(_):
+        h = inp["h"].detach().requires_grad_()
+        if op == "logp":
+            out = lk.fused_linear_token_logprobs(h, inp["w"], inp["targets"], backend=backend, **kw)
+            (gh,) = torch.autograd.grad((out * inp["g"]).sum(), [h])
+        else:
+            B, T = inp["B"], inp["T"]
+            roll = inp["roll"] if "is_correction" in kw else None
+            out, _ = lk.fused_linear_grpo_loss(
+                h.view(B, T, -1), inp["w"], inp["targets"].view(B, T), inp["old"], inp["adv"], inp["mask"],
+                backend=backend, rollout_logp=roll, **kw,
+            )  # fmt: skip
+            (gh,) = torch.autograd.grad(out, [h])
+        return out.detach(), gh
+
+    H.bench(
+        benchmark,
+        case,
+        provider,
+        missing=missing,
+        run=run,
+        prepare=lambda: None,
+        check=(lambda out: {"logp": H.max_abs_err(out[0], ref)}) if inp else None,
+        full_rounds=3,
     )
