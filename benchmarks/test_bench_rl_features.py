@@ -301,7 +301,8 @@ def _fused_ref(inp: dict, op: str, kw: dict) -> torch.Tensor:
             if "is_correction" in kw:
                 isw = reference.rollout_is_weights(inp["old"], inp["roll"], inp["mask"], mode=kw["is_correction"])
             rkw = {k: v for k, v in kw.items() if k in ("eps_low", "eps_high", "ratio_level")}
-            inp[key] = reference.grpo_loss_rl(lp.view(B, T), inp["old"], inp["adv"], inp["mask"], is_weight=isw, **rkw)[0]
+            lp2 = lp.view(B, T)
+            inp[key] = reference.grpo_loss_rl(lp2, inp["old"], inp["adv"], inp["mask"], is_weight=isw, **rkw)[0]
     return inp[key]
 
 
