@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lacot_kernels as lk
@@ -20,6 +21,8 @@ def backends_for(device: str) -> list[str]:
 
 
 ALL_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]
+# The same, with the CUDA-device cases marked `gpu`, so that `make gpu-check` (pytest -m gpu) runs them.
+GPU_MARKED_BACKENDS = [pytest.param(d, b, marks=pytest.mark.gpu) if d == "cuda" else (d, b) for d, b in ALL_BACKENDS]
 
 
 def bf16_grad_atol(ref: torch.Tensor, dtype: torch.dtype) -> float:

@@ -11,7 +11,7 @@ from lacot_kernels.ops import batch_invariance as bi
 from lacot_kernels.ops import sampler_truncation as st
 from lacot_kernels.ops import token_logprobs as tlp
 
-from .helpers import ALL_BACKENDS
+from .helpers import ALL_BACKENDS, GPU_MARKED_BACKENDS
 
 V = 4099  # odd, > one tree_sum lane block
 
@@ -41,7 +41,7 @@ def _assert_same(results):
             assert torch.equal(a, b), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trunc", [{}, dict(top_p=0.9), dict(top_k=50, min_p=0.01)])
 def test_token_logprobs_rows_are_batch_invariant(device, backend, dtype, trunc, monkeypatch):
@@ -74,7 +74,7 @@ def test_env_variable_turns_it_on(monkeypatch):
         bi.enabled(1)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_deterministic_mode_keeps_the_values(device, backend):
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(5, V, generator=g) * 4).to(device)
@@ -104,7 +104,7 @@ def _grpo_row_grad(lp, old, roll, ref, adv, mask, row, backend, **kw):
 ROW_T = 1500  # > the fixed block: the row spans two blocks
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 @pytest.mark.parametrize("kw", [{}, dict(ratio_level="sequence"), dict(is_correction="tis", is_cap=1.1)])
 def test_grpo_rows_are_batch_and_padding_invariant(device, backend, kw):
     g = torch.Generator().manual_seed(4)
@@ -133,7 +133,7 @@ def test_grpo_rows_are_batch_and_padding_invariant(device, backend, kw):
     _assert_same(results)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_deterministic_grpo_keeps_the_values(device, backend):
     g = torch.Generator().manual_seed(5)
     lp = (torch.randn(4, 1300, generator=g) * 0.5 - 1).to(device)

@@ -12,7 +12,7 @@ import lacot_kernels as lk
 from lacot_kernels import reference
 from lacot_kernels.ops import _lm_head
 
-from .helpers import ALL_BACKENDS
+from .helpers import GPU_MARKED_BACKENDS
 
 SETTINGS = [dict(top_k=5), dict(top_p=0.8), dict(min_p=0.05), dict(top_k=20, top_p=0.9, min_p=0.02), dict(top_k=1)]
 TEMP = 0.7
@@ -32,7 +32,7 @@ def _sampled_targets(h, w, keep, seed=1):
     return torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1).to(h.device)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 @pytest.mark.parametrize("settings", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_truncated_logprobs_match_fp64(device, backend, settings, dtype):
@@ -66,7 +66,7 @@ def test_fused_truncated_logprobs_match_fp64(device, backend, settings, dtype):
     torch.testing.assert_close(ww.grad.double(), wr.grad, atol=gtol, rtol=gtol)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_top_k_1_at_the_argmax_is_certain_whatever_the_chunking(device, backend, monkeypatch):
     # The boundary token: with top_k=1 the kept set is the argmax alone, so logp = 0, entropy = 0 and every
     # gradient is exactly 0, provided forward and backward see bitwise the same logits (same row chunks).
@@ -81,7 +81,7 @@ def test_top_k_1_at_the_argmax_is_certain_whatever_the_chunking(device, backend,
         assert (hh.grad == 0).all()
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_fused_without_sampler_arguments_is_the_plain_op_bitwise(device, backend):
     h, w = _problem(21, 16, 97, torch.bfloat16, device=device)
     y = torch.randint(0, 97, (21,), device=device)
@@ -100,7 +100,7 @@ def _fused_row(h, w, y, row, backend, **kw):
     return lp[row], ent[row], gh[row]
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trunc", [{}, dict(top_p=0.9), dict(top_k=30, min_p=0.01)])
 def test_fused_rows_are_batch_invariant(device, backend, dtype, trunc, monkeypatch):
@@ -150,7 +150,7 @@ GRPO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 @pytest.mark.parametrize("case", GRPO_CASES)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_fused_grpo_rl_matches_fp64(device, backend, case, loss_type):
@@ -184,7 +184,7 @@ def test_fused_grpo_rl_matches_fp64(device, backend, case, loss_type):
         assert "is/weight_mean" in stats
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_fused_grpo_with_rollout_equal_old_is_todays_loss(device, backend):
     h, w, y, mask, old, _, adv = _grpo_problem(device=device)
     base, base_stats = lk.fused_linear_grpo_loss(h, w, y, old, adv, mask, temperature=0.8, backend=backend)
@@ -197,7 +197,7 @@ def test_fused_grpo_with_rollout_equal_old_is_todays_loss(device, backend):
         assert float(stats["is/ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device,backend", GPU_MARKED_BACKENDS)
 def test_fused_grpo_truncated_matches_logits_level(device, backend):
     # Truncation in the fused loss = token_logprobs(top_p=...) on the materialized logits, then grpo_loss.
     h, w, y, mask, old, _, adv = _grpo_problem(device=device)
