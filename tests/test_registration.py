@@ -45,6 +45,19 @@ def test_opcheck_fused(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("trunc", [(5, None, None, False), (None, 0.9, 0.05, False), (None, None, None, True)])
+def test_opcheck_fused_rowwise(device, backend, trunc):
+    top_k, top_p, min_p, det = trunc
+    h = torch.randn(6, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    y = (h.detach() @ w.detach().T + b.detach()).argmax(-1)  # kept targets: finite log-probs
+    y[2] = -100
+    args = (h, w, b, y, 0.7, -100, True, top_k, top_p, min_p, "vllm", det, 4 if not det else 64, backend)
+    torch.library.opcheck(torch.ops.lacot.fused_linear_token_logprobs_rowwise.default, args)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_compile_fullgraph_forward_backward(device, backend):
     torch._dynamo.reset()
     h = torch.randn(6, 16, device=device, requires_grad=True)
@@ -55,7 +68,9 @@ def test_compile_fullgraph_forward_backward(device, backend):
         logits = h @ w.T
         lp, ent = lk.token_logprobs(logits, y, temperature=0.9, return_entropy=True, backend=backend)
         flp, fent = lk.fused_linear_token_logprobs(h, w, y, temperature=0.9, return_entropy=True, backend=backend)
-        return (lp - 0.1 * ent).sum() + (flp - 0.1 * fent).sum()
+        # The row-wise variant (sampler truncation + batch invariance) compiles the same way.
+        tlp = lk.fused_linear_token_logprobs(h, w, y, temperature=0.9, backend=backend, min_p=0.01, deterministic=True)
+        return (lp - 0.1 * ent).sum() + (flp - 0.1 * fent).sum() + tlp.clamp(min=-1e4).sum()
 
     explanation = torch._dynamo.explain(step)(h, w, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons

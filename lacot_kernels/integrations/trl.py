@@ -482,6 +482,8 @@ def patch(backend: str = "auto", *, check_version: bool = True, sampler: object 
         sampler: a TRL ``GRPOConfig`` (or a dict) whose ``top_k`` / ``top_p`` / ``min_p`` the rollouts use
             (:func:`sampler_settings`): every patched log-prob and entropy is then taken under that truncation.
             Cases that fall back to TRL's own function (see above) are not truncated; the warning says so.
+            The reference model's log-probs go through the same functions and are truncated too: with
+            ``beta > 0`` a sampled token the reference would not keep gets kl = inf (TRL's default beta is 0).
 
     Calling it again while patched with the same backend does nothing; with another backend it raises
     ValueError (``unpatch()`` first). Raises ImportError when trl is not installed, and

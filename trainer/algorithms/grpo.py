@@ -6,8 +6,8 @@ with the forward-only fused op (and reference log-probs when ``beta > 0``) -> ``
 updates of ``lacot_kernels.fused_linear_grpo_loss`` on the same samples. Trained tokens: the rationale, ⊤,
 the answer and its end; the forced answer header is masked out.
 
-With ``grpo.top_k / top_p / min_p`` the rollouts are truncated and every log-prob (old, reference, trained) is
-taken under the same truncation; with ``grpo.is_correction`` the sampler's own log-probs are recorded during
+With ``grpo.top_k / top_p / min_p`` the rollouts are truncated and the old and trained log-probs are taken under
+the same truncation (the reference's stay untruncated); with ``grpo.is_correction`` the sampler's own log-probs are recorded during
 generation and passed as ``rollout_logp`` (the rollout-mismatch weights); ``grpo.ratio_level=sequence`` is GSPO.
 """
 
@@ -103,14 +103,14 @@ class GRPO(Algorithm):
             old_logp = self._logprobs(tr.policy, batch, targets)
             ref_logp = None
             if g.beta > 0:
+                # The KL anchor is the reference model's full distribution: a truncated reference would give
+                # log-prob -inf (kl = inf) to every sampled token it would not have kept itself.
                 with tr.reference() as ref:
-                    ref_logp = self._logprobs(Policy(ref), batch, targets)
+                    ref_logp = self._logprobs(Policy(ref), batch, targets, truncate=False)
         # Under truncation a sampled token can fall just outside the trainer's kept set (its logits differ from
         # the sampler's by rounding at the boundary): its log-prob is -inf and its ratio undefined. Such tokens
         # are dropped from the loss (counted in "truncation_dropped").
         dropped = (mask != 0) & ~torch.isfinite(old_logp)
-        if ref_logp is not None:
-            dropped |= (mask != 0) & ~torch.isfinite(ref_logp)
         n_dropped = int(dropped.sum())
         if n_dropped:
             mask = mask.masked_fill(dropped, 0.0)
@@ -193,9 +193,9 @@ class GRPO(Algorithm):
             top_k=g.top_k or None, top_p=g.top_p if g.top_p < 1 else None, min_p=g.min_p if g.min_p > 0 else None
         )
 
-    def _logprobs(self, policy, batch, targets) -> torch.Tensor:
+    def _logprobs(self, policy, batch, targets, truncate: bool = True) -> torch.Tensor:
         temp, backend = self.cfg.grpo.temperature, self.cfg.model.backend
-        sampler = self.sampler()
+        sampler = self.sampler() if truncate else {}
 
         def head(h, w, bias):
             hs, w, bias = compute_dtype(completion_hidden(h, batch.prompt_len, batch.T), w, bias)
