@@ -7,8 +7,9 @@ updates of ``lacot_kernels.fused_linear_grpo_loss`` on the same samples. Trained
 the answer and its end; the forced answer header is masked out.
 
 With ``grpo.top_k / top_p / min_p`` the rollouts are truncated and the old and trained log-probs are taken under
-the same truncation (the reference's stay untruncated); with ``grpo.is_correction`` the sampler's own log-probs are recorded during
-generation and passed as ``rollout_logp`` (the rollout-mismatch weights); ``grpo.ratio_level=sequence`` is GSPO.
+the same truncation (the reference's stay untruncated); with ``grpo.is_correction`` the sampler's own log-probs
+are recorded during generation and passed as ``rollout_logp`` (the rollout-mismatch weights);
+``grpo.ratio_level=sequence`` is GSPO.
 """
 
 from __future__ import annotations
