@@ -63,6 +63,30 @@ def test_token_logprobs_nonfinite_logits(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("trunc", [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_truncated_log_probs_keep_nan(backend, trunc, fused):
+    # The same NaN row as without truncation: a dropped logit is read as -inf only when it is *below* the
+    # threshold, so a NaN logit is never silently dropped (it was on the Triton and torch backends).
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 7, generator=g)
+    eye = torch.eye(7)
+    x = h.clone()
+    x[0, 2] = NAN
+    x[1, 4] = INF
+    t = x.nan_to_num(0.0, 0.0).argmax(-1)  # a kept target in the finite rows
+    xg = x.clone().requires_grad_()
+    if fused:
+        lp, ent = lk.fused_linear_token_logprobs(xg, eye, t, return_entropy=True, backend=backend, **trunc)
+    else:
+        lp, ent = lk.token_logprobs(xg, t, return_entropy=True, backend=backend, **trunc)
+    assert torch.isnan(lp[:2]).all() and torch.isnan(ent[:2]).all()
+    assert torch.isfinite(lp[2:]).all() and torch.isfinite(ent[2:]).all()
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isnan(xg.grad[:2]).any(-1).all() and torch.isfinite(xg.grad[2:]).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("bad", [7, -5, -1])
 def test_token_logprobs_out_of_range_ids(backend, bad):
     with pytest.raises(ValueError, match=rf"targets must be in \[0, 7\).*got {bad} at flat position 1"):

@@ -67,7 +67,9 @@ def _token_logprobs_fwd_kernel(
         mask = cols < V
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_TAU:
-            x = tl.where(x >= tau, x, float("-inf"))
+            # x < tau (not x >= tau) drops a logit: a NaN stays NaN, so a row holding one gives NaN with or without
+            # truncation, on every backend (csrc keep_above is the same test).
+            x = tl.where(x < tau, float("-inf"), x)
         m_new = tl.maximum(m, tl.max(x, 0))
         # The first block starts from the empty state (m = -inf, s = sd = 0): no rescaling then.
         delta = tl.where(m == float("-inf"), 0.0, (m - m_new) * inv_t)
@@ -82,7 +84,7 @@ def _token_logprobs_fwd_kernel(
     logs = tl.log(s)
     x_y = tl.load(base + y, mask=valid & in_range, other=0.0).to(tl.float32)
     if HAS_TAU:
-        x_y = tl.where(x_y >= tau, x_y, float("-inf"))
+        x_y = tl.where(x_y < tau, float("-inf"), x_y)
     logp = (x_y - m) * inv_t - logs
     logp = tl.where(valid, tl.where(in_range, logp, float("nan")), 0.0)
     tl.store(logp_ptr + row, logp)
@@ -129,7 +131,7 @@ def _token_logprobs_bwd_kernel(
     x = tl.load(logits_ptr + row * stride_l + cols, mask=cmask & valid, other=0.0).to(tl.float32)
     if HAS_TAU:
         # Dropped logits have p = 0 and get exactly 0 (the caller zeroes g_logp of rows whose target is dropped).
-        x = tl.where(x >= tl.load(tau_ptr + row), x, float("-inf"))
+        x = tl.where(x < tl.load(tau_ptr + row), float("-inf"), x)
     # log p <= 0: logits recomputed by another GEMM than the forward's (the fused op) may exceed the saved max by
     # a rounding, which 1/T of a tiny temperature would blow up to exp(+large) = inf.
     log_p = tl.minimum((x - m) * inv_t - logs, 0.0, propagate_nan=tl.PropagateNan.ALL)  # (NaN stays NaN)
@@ -247,7 +249,7 @@ def _token_logprobs_fwd_torch(
     for r0 in range(0, N, step):
         x = logits[r0 : r0 + step].float()
         if tau is not None:
-            x = torch.where(x >= tau[r0 : r0 + step, None], x, float("-inf"))
+            x = torch.where(x < tau[r0 : r0 + step, None], float("-inf"), x)
         y = targets[r0 : r0 + step]
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
@@ -289,7 +291,7 @@ def _token_logprobs_bwd_torch(
         sl = slice(r0, r0 + step)
         x = logits[sl].float()
         if tau is not None:
-            x = torch.where(x >= tau[sl, None], x, float("-inf"))
+            x = torch.where(x < tau[sl, None], float("-inf"), x)
         y = targets[sl]
         valid = y != ignore_index
         in_range = (y >= 0) & (y < V)
