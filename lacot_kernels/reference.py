@@ -454,7 +454,7 @@ def kept_mask(
             keep = apply_min_p(keep)
         elif step == "top_k" and top_k is not None:
             keep = apply_top_k(keep)
-        elif step == "top_p" and top_p is not None:
+        elif step == "top_p" and top_p is not None and top_p < 1.0:  # top_p = 1 is no filter (HF, vLLM)
             keep = apply_top_p(keep)
     return keep
 
@@ -478,7 +478,8 @@ def token_logprobs_truncated(
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     p = logp_all.exp()
-    entropy = -(p * torch.where(keep, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    # 0 * -inf would be NaN for a kept -inf logit (probability 0): such terms contribute 0, as in token_logprobs.
+    entropy = -(p * torch.where(keep & (p > 0), logp_all, torch.zeros_like(logp_all))).sum(-1)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 

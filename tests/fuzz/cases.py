@@ -292,6 +292,113 @@ def _tlp_oracle(c):
     return res
 
 
+# ---- token_logprobs under the sampler's truncation (top_k / top_p / min_p) --------------------------------------
+def _tlps_make(rng, dtype):
+    c = _tlp_make(rng, dtype)
+    x, t = c["logits"], c["targets"]
+    V = x.shape[-1]
+    # Half the time the sampled token is the row's argmax: kept by every filter (finite log-probs); else any id,
+    # often outside the kept set (log-prob -inf, gradient 0).
+    if rng.random() < 0.5 and x.numel():
+        t = torch.where(t == c["ignore_index"], t, x.float().nan_to_num(0.0).argmax(-1).to(t.dtype))
+    options = dict(
+        top_k=(1, 2, rng.randint(1, V + 2)),
+        top_p=(1.0, rng.uniform(0.01, 0.99), rng.uniform(0.9, 0.999)),
+        min_p=(1.0, math.exp(rng.uniform(math.log(1e-4), math.log(0.9)))),
+    )
+    # One filter always set (hypothesis' minimal example then still truncates), the others half the time.
+    always = rng.choice(tuple(options))
+    kw = {k: rng.choice(v) if k == always or rng.random() < 0.5 else None for k, v in options.items()}
+    return dict(c, targets=t, sampler=kw, order=rng.choice(("vllm", "hf")))
+
+
+def _tlps_run(c, backend):
+    x = leaf(c["logits"])
+    lp, ent = lk.token_logprobs(
+        x, c["targets"], temperature=c["temperature"], ignore_index=c["ignore_index"], return_entropy=True,
+        backend=backend, sampler_order=c["order"], **c["sampler"],
+    )  # fmt: skip
+    # A target outside the kept set has log-prob -inf and no gradient: it enters the loss as 0.
+    loss = (torch.where(lp == -math.inf, 0.0, lp) * c["g1"].float()).sum() + (ent * c["g2"].float()).sum()
+    grad = torch.autograd.grad(loss, x)[0] if x.numel() else x.detach().clone()
+    return dict(logp=lp, entropy=ent, grad=grad, kept=_tlps_kept(c).float())
+
+
+def _tlps_kept(c):
+    """The kept set the kernels use: every logit not below the row's threshold (NaN included), from the op's own
+    ``kept_threshold`` (pure torch, shared by every backend)."""
+    V = c["logits"].shape[-1]
+    x = c["logits"].reshape(-1, V)
+    tau = lk.kept_threshold(x, temperature=c["temperature"], order=c["order"], **c["sampler"])
+    return ~(x.float() < tau[:, None])
+
+
+def _tlps_ambiguous(x64, T, kw, order):
+    """Tokens whose kept / dropped decision an fp32 evaluation may take either way (fp64 x64 (N, V) raw logits).
+
+    top-k compares the logits themselves: exact. min-p compares (x - max) / T with log(min_p): within
+    C u (|x - max| / T + |log min_p| + 1). top-p compares a cumulative sum of V rounded terms with 1 - top_p:
+    within C u (V + 1 + |x - max| / T). A row where any earlier filter is ambiguous (or holding a non-finite
+    logit) is ambiguous as a whole: the later filters see another distribution."""
+    N, V = x64.shape
+    amb = torch.zeros(N, V, dtype=torch.bool)
+    bad_row = ~torch.isfinite(x64).all(-1)
+    z = x64 / T
+    d = (z - z.amax(-1, keepdim=True)).nan_to_num(0.0, 0.0, 0.0)
+    if kw.get("min_p") is not None:
+        lm = math.log(kw["min_p"])
+        amb |= (d - lm).abs() <= C * U32 * (d.abs() + abs(lm) + 1)
+    # The survivors top-p sees (in the order's sense), from the fp64 definition; then its cumulative masses.
+    pre = {k: v for k, v in kw.items() if (k == "top_k" or (k == "min_p" and order == "vllm"))}
+    if kw.get("top_p") is not None and kw["top_p"] < 1.0:
+        keep_pre = R.kept_mask(x64, temperature=T, order=order, **pre) if pre else torch.ones_like(amb)
+        zz = torch.where(keep_pre, z, -math.inf)
+        zs, idx = torch.sort(zz, -1)
+        cum = torch.softmax(zs, -1).cumsum(-1)
+        near = (cum - (1 - kw["top_p"])).abs() <= C * U32 * (V + 1 + d.abs().amax(-1, keepdim=True))
+        # The boundary may move to any neighbour of a near-threshold position: the whole row is ambiguous then.
+        row_near = near.any(-1)
+        if order == "vllm" and kw.get("min_p") is not None:
+            row_near |= amb.any(-1)
+        amb |= row_near[:, None]
+    return amb | bad_row[:, None]
+
+
+def _tlps_oracle(c):
+    T, ig = c["temperature"], c["ignore_index"]
+    V = c["logits"].shape[-1]
+    lead = c["logits"].shape[:-1]
+    valid = c["targets"] != ig
+    x64 = torch.where(valid[..., None], c["logits"].to(F64), 0.0)
+    keep = _tlps_kept(c).reshape(x64.shape)
+    # The kept set, checked against the fp64 definition (exact except where fp32 may round the decision away).
+    flat = c["logits"].reshape(-1, V).to(F64)
+    if flat.numel():
+        ref_keep = R.kept_mask(flat, temperature=T, order=c["order"], **c["sampler"])
+        amb = _tlps_ambiguous(flat, T, c["sampler"], c["order"])
+    else:
+        ref_keep = amb = keep.reshape(-1, V)
+    res = dict(kept=(ref_keep.to(F64).reshape(-1, V), 2.0 * amb.to(F64).reshape(-1, V), torch.float32))
+    # The values, on the op's kept set: fp64 log-softmax over it (ignored rows are never read: zeros there).
+    x = leaf(x64)
+    lp, ent = R.token_logprobs_truncated(x, c["targets"], keep, temperature=T, ignore_index=ig)
+    loss = (torch.where(lp == -math.inf, 0.0, lp) * c["g1"]).sum() + (ent * c["g2"]).sum()
+    grad = torch.autograd.grad(loss, x)[0] if x.numel() else x.detach().clone()
+    # A row whose softmax is NaN (a NaN or +inf logit it keeps) has a NaN gradient everywhere, dropped logits
+    # included (the kernels form every entry from the row's statistics), as the plain op's NaN rows.
+    nan_row = valid & (torch.isnan(lp.detach()) | torch.isnan(ent.detach()))
+    grad = torch.where(nan_row[..., None], math.nan, grad)
+    with torch.no_grad():
+        z = torch.where(keep, x64 / T, -math.inf)
+        tgt = c["targets"]
+        g1 = torch.where(lp.detach() == -math.inf, 0.0, c["g1"])
+        t_lp, t_ent, t_g = _tlp_tols(z, tgt, ig, g1, c["g2"])
+    res["logp"] = (lp.reshape(lead), t_lp, torch.float32)
+    res["entropy"] = (ent.reshape(lead), t_ent, torch.float32)
+    res["grad"] = (grad, t_g / T, c["logits"].dtype)
+    return res
+
+
 # ---- fused_linear_token_logprobs --------------------------------------------------------------------------------
 def _flt_make(rng, dtype):
     g = tgen(rng)
@@ -1052,6 +1159,7 @@ def _anchors_check(c, backend):
 
 OPS: dict[str, Op] = {
     "token_logprobs": Op("token_logprobs", NATIVE, _tlp_make, _tlp_run, _tlp_oracle),
+    "token_logprobs_sampled": Op("token_logprobs_sampled", NATIVE, _tlps_make, _tlps_run, _tlps_oracle),
     "fused_linear_token_logprobs": Op("fused_linear_token_logprobs", NATIVE, _flt_make, _flt_run, _flt_oracle),
     "grpo_loss": Op("grpo_loss", ("triton", "torch"), _grpo_make, _grpo_run, _grpo_oracle),
     "fused_linear_grpo_loss": Op("fused_linear_grpo_loss", NATIVE, _fgrpo_make, _fgrpo_run, _fgrpo_oracle),
