@@ -13,9 +13,9 @@ weight w_t (no gradient flows through it; the KL term is not weighted, as in TRL
   threshold only). "masked" counts tokens with rho > C.
 * ``"icepop"``: two-sided masking, w = rho if lo <= rho <= hi else 0 (Ling team 2025, "Small Leak Can Sink a
   Great Ship: Boost RL Training on MoE with IcePop", lo = 0.5, hi = 5). "masked" counts tokens outside the band.
-* ``level="sequence"`` (TIS and MIS): rho of a sequence is the product of its token ratios, exp(sum_t M_t
-  (old - rollout)), and every token of the sequence gets the sequence's weight (verl ``rollout_is_level:
-  sequence``). IcePop is defined per token only.
+* ``level="sequence"`` (TIS and MIS): rho of a sequence is the product of its completion tokens' ratios,
+  exp(sum_{t: M_t != 0} (old - rollout)) (a fractional mask weights the loss, not the ratio), and every token of
+  the sequence gets the sequence's weight (verl ``rollout_is_level: sequence``). IcePop is defined per token only.
 
 Masked-out tokens keep the loss's own mask: a token whose weight is 0 still counts in the loss normalizers (as
 IcePop's and TIS's objectives are written: the weight multiplies the token's term). Statistics are masked means
@@ -79,7 +79,9 @@ def rollout_is_weights(
     m = mask.float()
     log_rho = torch.where(on, old_logp.float() - rollout_logp.float(), 0.0)
     if level == "sequence":
-        log_rho = torch.where(on, (m * log_rho).sum(-1, keepdim=True), 0.0)
+        # The sequence's probability ratio: the product of its completion tokens' ratios. The mask selects the
+        # tokens; a fractional mask weights the loss, not the ratio (the same as TRL for 0/1 masks).
+        log_rho = torch.where(on, log_rho.sum(-1, keepdim=True), 0.0)
     rho = log_rho.exp()
     denom = m.sum().clamp(min=1.0)
 

@@ -645,6 +645,181 @@ def _grpo_oracle(c):
     return res
 
 
+# ---- grpo_loss with rollout correction, GSPO ratios, batch invariance -------------------------------------------
+def _grpo_rl_make(rng, dtype):
+    g = tgen(rng)
+    B = pick_len(rng, (0, 1, 2), 6)
+    T = pick_len(rng, (0, 1, 2, 17), 40)
+    c = _grpo_common(rng, g, B, T, dtype)
+    # Finite values at the active tokens (NaN / inf there are the contract tests' business); padding may hold
+    # anything (never read).
+    on = c["mask"] != 0
+    lp = c["logp"].float()
+    lp = torch.where(on, lp.nan_to_num(-1.0, -1.0, -1.0), lp).to(dtype)
+    old = torch.where(on, c["old"].float().nan_to_num(-1.0, -1.0, -1.0), c["old"].float()).to(dtype)
+    spread = rng.choice((0.0, 0.01, 0.3, 2.0))  # rollout engine vs trainer: identical, close, far
+    roll = old.to(F64) + torch.randn(B, T, generator=g, dtype=F64) * spread
+    roll = torch.where(on, roll, torch.full_like(roll, math.nan)).to(dtype)
+    mode = rng.choice(("none", "tis", "mis", "icepop"))
+    level = "token" if mode == "icepop" else rng.choice(("token", "sequence"))
+    ratio_level = rng.choice(("token", "sequence"))
+    lo = rng.choice((0.0, 0.5, 0.9))
+    rl = dict(
+        is_correction=mode,
+        is_cap=rng.choice((0.5, 1.0, 2.0, 5.0)),
+        is_band=(lo, lo + rng.choice((0.2, 1.0, 4.5))),
+        is_level=level,
+        ratio_level=ratio_level,
+        deterministic=rng.random() < 0.3,
+    )
+    if ratio_level == "sequence":  # GSPO's clip range is tiny; keep TRL's sometimes
+        c["kw"] = dict(c["kw"], eps_low=rng.choice((3e-4, 0.2)), eps_high=rng.choice((4e-4, None)))
+    return dict(c, logp=layout(rng, lp), old=old, roll=roll, rl=rl)
+
+
+def _grpo_rl_run(c, backend):
+    lp = leaf(c["logp"])
+    loss, stats = lk.grpo_loss(
+        lp, c["old"], c["adv"], c["mask"], ref_logp=c["ref"], backend=backend, rollout_logp=c["roll"], **c["kw"],
+        **c["rl"],
+    )  # fmt: skip
+    res = {"loss": loss, "grad": torch.autograd.grad(loss, lp)[0]}
+    res.update({f"stat:{k}": v for k, v in stats.items()})
+    return res
+
+
+def _grpo_rl_oracle(c):
+    """fp64 reference (``reference.grpo_loss_rl`` + ``rollout_is_weights``) with a magnitude error bound.
+
+    Each token term ``c_b M (w pg + beta kl)`` and its gradient carry a relative error
+    ``e = C u (|log r| + |log rho| + n + 8) + sum_err``: the ratio (token or sequence mean over n terms), the IS
+    weight (token or a sum of n terms), and the B*T-term sums. Decisions that may flip under that error are
+    *ambiguous* and allowed either way: a clip flag (token or sequence; the loss is continuous there, the
+    gradient jumps by ``c_b M w |q A|`` per token), and a MIS / IcePop mask flag (the term is ``w pg`` or 0)."""
+    kw, rl = c["kw"], c["rl"]
+    if kw["loss_type"] == "dr_grpo" and kw["max_completion_length"] is None:
+        kw = dict(kw, max_completion_length=max(c["logp"].shape[1], 1))
+    lp = leaf(c["logp"].to(F64))
+    old, adv, m = c["old"].to(F64), c["adv"].to(F64), c["mask"].to(F64)
+    roll = c["roll"].to(F64)
+    ref = c["ref"].to(F64) if c["ref"] is not None else None
+    B, T = m.shape
+    on = m != 0
+    z = torch.zeros((), dtype=F64)
+    lp_in, old_in, roll_in = (torch.where(on, x, z) for x in (lp, old, roll))
+    ref_in = torch.where(on, ref, z) if ref is not None else None
+    mode, level = rl["is_correction"], rl["is_level"]
+    isw = None
+    if mode != "none":
+        isw = R.rollout_is_weights(old_in, roll_in, m, mode=mode, cap=rl["is_cap"], band=rl["is_band"], level=level)
+    loss, stats = R.grpo_loss_rl(
+        lp_in, old_in, adv, m, ref_logp=ref_in, is_weight=isw, ratio_level=rl["ratio_level"], **kw
+    )
+    if B == 0:
+        loss = (lp * 0).sum()
+    grad = torch.autograd.grad(loss, lp)[0]
+    with torch.no_grad():
+        lpd = lp.detach()
+        n = on.sum(1, keepdim=True).to(F64)
+        lo = 1 - kw["eps_low"]
+        hi = 1 + (kw["eps_low"] if kw["eps_high"] is None else kw["eps_high"])
+        a = adv[:, None]
+        lr = torch.where(on, lpd - old, z)
+        if rl["ratio_level"] == "sequence":
+            mr = (lr * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+            q = torch.exp(mr).expand(B, T)
+            e_q = C * U32 * ((lr.abs() * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0) + n + 4)
+        else:
+            q = torch.exp(lr)
+            e_q = C * U32 * (lr.abs() + 4)
+        e_q = e_q.expand(B, T)
+        lrho = torch.where(on, old - roll, z)
+        if level == "sequence":
+            lrho = lrho.sum(1, keepdim=True).expand(B, T)
+            e_w = C * U32 * (torch.where(on, (old - roll).abs(), z).sum(1, keepdim=True) + n + 4).expand(B, T)
+        else:
+            e_w = C * U32 * (lrho.abs() + 4)
+        rho = torch.exp(lrho)
+        w = isw if isw is not None else torch.ones_like(q)
+        clipped = ((q < lo) & (a < 0)) | ((q > hi) & (a > 0))
+        pg = (-torch.minimum(q * a, q.clamp(lo, hi) * a)).abs()
+        dpg = torch.where(clipped, z, (q * a).abs())
+        amb_clip = ((q - lo).abs() <= 2 * e_q * q) | ((q - hi).abs() <= 2 * e_q * q)
+        amb_w = torch.zeros_like(amb_clip)
+        if mode == "mis":
+            amb_w = (rho - rl["is_cap"]).abs() <= 2 * e_w * rho
+        elif mode == "icepop":
+            band_lo, band_hi = rl["is_band"]
+            amb_w = ((rho - band_lo).abs() <= 2 * e_w * rho) | ((rho - band_hi).abs() <= 2 * e_w * rho)
+        wmax = torch.maximum(w.abs(), torch.where(amb_w, rho, z))
+        if ref is not None and kw["beta"] != 0:
+            d = torch.where(on, ref, z) - lpd
+            kl_mag = kw["beta"] * (torch.exp(d) + d.abs() + 1)
+            dkl_mag = kw["beta"] * (torch.exp(d) + 1)
+            e_kl = C * U32 * (d.abs() + 4)
+        else:
+            kl_mag = dkl_mag = e_kl = torch.zeros_like(q)
+        cbm = _grpo_weights(dict(c, kw=kw), m)  # c_b |M| per token
+        sum_err = C * U32 * (B + T + 4)
+        tok = wmax * pg * (e_q + e_w + sum_err) + kl_mag * (e_kl + sum_err) + torch.where(amb_w, rho * pg, z)
+        tol_loss = torch.where(on, cbm * tok, z).sum()
+        # Gradient of token t: token level c_b M (w dpg + beta (1 - e^d)); sequence level the row's
+        # (sum_t' M w) / n_M times c_b M |s A| (every token shares it).
+        if rl["ratio_level"] == "sequence":
+            sw = torch.where(on, m * wmax, z).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+            g_mag = sw * (q * a).abs()
+            g_amb = torch.where(amb_clip.any(1, keepdim=True) & on, sw * (q * a).abs(), z)
+        else:
+            g_mag = wmax * dpg
+            g_amb = torch.where(amb_clip, wmax * (q * a).abs(), z)
+        g_amb = g_amb + torch.where(amb_w, rho * dpg, z)
+        t_g = cbm * (g_mag * (e_q + e_w + sum_err) + g_amb + dkl_mag * (e_kl + sum_err))
+        denom = m.sum().clamp(min=1.0)
+        tol_clip = torch.where(on & amb_clip, m.abs(), z).sum() / denom + sum_err
+
+        def mean(x):
+            return torch.where(on, m.abs() * x, z).sum() / denom
+
+        amb_cap = (rho - rl["is_cap"]).abs() <= 2 * e_w * rho  # tis' truncated flag
+        tol_is = {
+            "is/ratio_mean": mean(rho * (e_w + sum_err)),
+            "is/weight_mean": mean(wmax * (e_w + sum_err) + torch.where(amb_w, rho, z)),
+            "is/truncated_frac": mean(amb_cap.to(F64)) + sum_err,
+            "is/masked_frac": mean(amb_w.to(F64)) + sum_err,
+        }
+        want_is = _is_stats(rho, w, on, m, mode, rl)
+    res = dict(loss=(loss, tol_loss, torch.float32), grad=(grad, t_g, c["logp"].dtype))
+    for k, v in stats.items():
+        if k == "kl":
+            continue  # checked by the plain grpo_loss fuzz (the same kernels' KL); here its bound is loose
+        res[f"stat:{k}"] = (v, tol_clip, torch.float32)
+    for k, v in want_is.items():
+        res[f"stat:{k}"] = (v, tol_is[k], torch.float32)
+    return res
+
+
+def _is_stats(rho, w, on, m, mode, rl):
+    """The rollout-correction statistics from their definitions (masked means over the completion tokens)."""
+    z = torch.zeros((), dtype=F64)
+    denom = m.sum().clamp(min=1.0)
+
+    def mean(x):
+        return torch.where(on, m * x, z).sum() / denom
+
+    out = {"is/ratio_mean": mean(rho)}
+    if mode == "none":
+        return out
+    out["is/weight_mean"] = mean(w)
+    if mode == "tis":
+        out["is/truncated_frac"] = mean((rho > rl["is_cap"]).to(F64))
+    elif mode == "mis":
+        out["is/masked_frac"] = mean((rho > rl["is_cap"]).to(F64))
+    else:
+        lo, hi = rl["is_band"]
+        out["is/masked_frac"] = mean(((rho < lo) | (rho > hi)).to(F64))
+    return out
+
+
 def _fgrpo_make(rng, dtype):
     g = tgen(rng)
     B = pick_len(rng, (0, 1, 2), 3)
@@ -1162,6 +1337,7 @@ OPS: dict[str, Op] = {
     "token_logprobs_sampled": Op("token_logprobs_sampled", NATIVE, _tlps_make, _tlps_run, _tlps_oracle),
     "fused_linear_token_logprobs": Op("fused_linear_token_logprobs", NATIVE, _flt_make, _flt_run, _flt_oracle),
     "grpo_loss": Op("grpo_loss", ("triton", "torch"), _grpo_make, _grpo_run, _grpo_oracle),
+    "grpo_loss_rl": Op("grpo_loss_rl", ("triton", "torch"), _grpo_rl_make, _grpo_rl_run, _grpo_rl_oracle),
     "fused_linear_grpo_loss": Op("fused_linear_grpo_loss", NATIVE, _fgrpo_make, _fgrpo_run, _fgrpo_oracle),
     "group_advantages": Op("group_advantages", NATIVE, _adv_make, _adv_run, _adv_oracle, DTYPES + (F64,)),
     "interpolate_rewards": Op(
