@@ -241,12 +241,35 @@ def test_grpo_empty_batches_give_zero(backend):
 
 
 @pytest.mark.parametrize("backend", GRPO)
-def test_grpo_beta_zero_with_overflowing_kl_is_finite(backend):
-    # Found by tests/fuzz: beta = 0 with a KL that overflows fp32 gave 0 * inf = NaN on every backend.
+@pytest.mark.parametrize("rl", [{}, dict(ratio_level="sequence"), dict(is_correction="tis"), dict(deterministic=True)])
+def test_grpo_beta_zero_with_overflowing_kl_is_finite(backend, rl):
+    # Found by tests/fuzz: beta = 0 with a KL that overflows fp32 gave 0 * inf = NaN on every backend (and again in
+    # the RL variant of the kernels).
     lp = torch.tensor([[-200.0, -1.0]], requires_grad=True)
     ref = torch.tensor([[-1.0, -1.0]])
-    loss, stats = lk.grpo_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2), ref_logp=ref, backend=backend)
+    roll = lp.detach() if rl.get("is_correction") else None
+    loss, stats = lk.grpo_loss(
+        lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2), ref_logp=ref, backend=backend, rollout_logp=roll, **rl
+    )
     assert torch.isfinite(loss) and stats["kl"] == INF
+    loss.backward()
+    assert torch.isfinite(lp.grad).all()
+
+
+@pytest.mark.parametrize("backend", GRPO)
+@pytest.mark.parametrize("rl", [{}, dict(ratio_level="sequence"), dict(deterministic=True)])
+def test_grpo_kl_term_whose_exponential_alone_overflows(backend, rl):
+    # Found by tests/fuzz: e^(ref - logp) = e^91 overflows fp32 while beta e^91 = 1.3e38 fits; the loss and its
+    # gradient were inf / NaN. beta e^d is now formed as e^(d + log beta).
+    lp = torch.tensor([[-92.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, _ = lk.grpo_loss(
+        lp, lp.detach(), torch.tensor([0.0]), torch.ones(1, 2), ref_logp=ref, beta=0.04, backend=backend, **rl
+    )
+    want, _ = R.grpo_loss(lp.detach().double(), lp.detach().double(), torch.zeros(1, dtype=torch.float64),
+                          torch.ones(1, 2, dtype=torch.float64), ref_logp=ref.double(), beta=0.04)  # fmt: skip
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
     loss.backward()
     assert torch.isfinite(lp.grad).all()
 

@@ -53,6 +53,13 @@ STAT_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/r
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 @jit
+def _kl_loss(d, beta):
+    """beta * k3 = beta (e^d - d - 1), d = ref - logp, as e^(d + log beta) - beta (d + 1): e^d alone overflows fp32
+    (d > 88.7) while beta e^d may still fit (the loss was inf where its fp64 value is finite)."""
+    return tl.exp(d + tl.log(beta)) - beta * (d + 1.0)
+
+
+@jit
 def _kl_grad(d, beta):
     """d(beta * k3)/dlogp = beta (1 - e^d), d = ref - logp, as beta - e^(d + log beta): e^d alone overflows fp32
     (d > 88.7) while beta e^d still fits; the overflowing intermediate gave inf, then inf * 0 = NaN in dlogits."""
@@ -80,7 +87,7 @@ def _grpo_token(lp, old, ref, adv, beta, lo, hi, HAS_REF: tl.constexpr):
         e = tl.exp(d)
         kl = e - d - 1.0
         # beta = 0 (KL only reported): adding 0 * kl would turn a kl that overflows fp32 (inf) into a NaN loss.
-        loss += tl.where(beta != 0.0, beta * kl, 0.0)
+        loss += tl.where(beta != 0.0, _kl_loss(d, beta), 0.0)
         dloss += tl.where(beta != 0.0, _kl_grad(d, beta), 0.0)
     else:
         kl = tl.zeros_like(lp)
@@ -257,6 +264,11 @@ def _bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
     return 1.0 - eps_low, 1.0 + eps_high
 
 
+def kl_loss_torch(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta (e^d - d - 1) without the overflowing intermediate e^d (see _kl_loss); beta > 0."""
+    return torch.exp(d + math.log(beta)) - beta * (d + 1.0)
+
+
 def kl_grad_torch(d: torch.Tensor, beta: float) -> torch.Tensor:
     """beta (1 - e^d) without the overflowing intermediate e^d (see _kl_grad); beta > 0."""
     return beta - torch.exp(d + math.log(beta))
@@ -274,7 +286,7 @@ def _grpo_token_torch(lp, old, ref, adv, beta, lo, hi):
         e = d.exp()
         kl = e - d - 1.0
         if beta != 0.0:  # with beta = 0 a kl that overflows fp32 (inf) must not make the loss 0 * inf = NaN
-            loss = loss + beta * kl
+            loss = loss + kl_loss_torch(d, beta)
             dloss = dloss + kl_grad_torch(d, beta)
     else:
         kl = torch.zeros_like(lp)

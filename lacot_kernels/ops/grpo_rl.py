@@ -127,7 +127,8 @@ def _grpo_rl_fwd_kernel(
             ref = tl.load(ref_ptr + off, mask=tm & on, other=0.0).to(tl.float32)
             d = ref - lp
             kl = tl.exp(d) - d - 1.0
-            loss += beta * kl
+            # beta = 0 (KL only reported): an overflowing kl must not turn the loss into 0 * inf = NaN.
+            loss += tl.where(beta != 0.0, _g._kl_loss(d, beta), 0.0)
         else:
             kl = tl.zeros_like(lp)
         acc_loss += tl.where(on, w * loss, 0.0)
@@ -300,7 +301,8 @@ def _parts_torch(logp, old, adv, mask, ref, isw, beta, lo, hi, seq, det):
     if r is not None:
         d = r - lp
         kl = d.exp() - d - 1.0
-        loss = loss + beta * kl
+        if beta != 0.0:  # (beta = 0: an overflowing kl must not make the loss 0 * inf = NaN)
+            loss = loss + _g.kl_loss_torch(d, beta)
     else:
         kl = torch.zeros_like(lp)
 
