@@ -442,3 +442,17 @@ def test_fused_backward_at_tiny_temperature_is_finite(backend):
     # (At T = 1e-12 the fp32 logits' rounding decides the softmax: the values are checked by the fuzz suite's
     # error model; here only that no overflow appears.)
     assert torch.isfinite(lp).all() and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("rl", [{}, dict(ratio_level="sequence"), dict(is_correction="mis"), dict(deterministic=True)])
+def test_grpo_overflowing_ratio_with_zero_advantage_is_nan_on_every_backend(rl):
+    # Found by tests/fuzz (grpo_loss_rl): ratio e^200 = inf times a zero advantage is inf * 0 = NaN in torch; the
+    # Triton RL kernels' min/max dropped the NaN (finite loss). Every backend now gives torch's NaN.
+    lp = torch.tensor([[-1.0, -2.0]])
+    old = lp - 200.0  # every ratio (and the sequence mean) e^200 = inf
+    roll = old if rl.get("is_correction") else None
+    got = {}
+    for backend in [p.values[0] for p in GRPO if _ok(p.values[0])]:
+        loss, _ = lk.grpo_loss(lp, old, torch.tensor([0.0]), torch.ones(1, 2), backend=backend, rollout_logp=roll, **rl)
+        got[backend] = loss
+    assert all(torch.isnan(v) for v in got.values()), got

@@ -43,8 +43,11 @@ RATIO_LEVELS = ("token", "sequence")
 def _pg_term(q, adv, lo, hi):
     """(pg, dpg/dlog q, low-clipped, high-clipped) of ratios q (fp32)."""
     adv = adv + tl.zeros_like(q)
-    clipped = tl.minimum(tl.maximum(q, lo), hi)
-    pg = -tl.minimum(q * adv, clipped * adv)
+    # NaN propagates as in torch (tl.minimum / tl.maximum return the non-NaN operand by default): an overflowing
+    # ratio times a zero advantage (inf * 0) gives a NaN loss on every backend, as in grpo.py's _grpo_token.
+    nan = tl.PropagateNan.ALL
+    clipped = tl.minimum(tl.maximum(q, lo, propagate_nan=nan), hi, propagate_nan=nan)
+    pg = -tl.minimum(q * adv, clipped * adv, propagate_nan=nan)
     low = (q < lo) & (adv < 0.0)
     high = (q > hi) & (adv > 0.0)
     dpg = tl.where(low | high, 0.0, -q * adv)
