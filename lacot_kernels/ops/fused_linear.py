@@ -467,12 +467,17 @@ def _fused_bwd_row_chunked(
     needs,
     backend,
     precision="default",
+    tau=None,
+    rows_step=None,
+    pad=False,
 ):
-    """Row chunks x the whole vocabulary, for per-row kernels (the compiled CPU twin / CUDA kernel)."""
+    """Row chunks x the whole vocabulary, for per-row kernels (the compiled CPU twin / CUDA kernel, and every
+    backend in the row-wise variant: `tau` (rows,) the sampler thresholds, `rows_step` / `pad` the forward's
+    chunking, see :func:`_lm_head.row_chunks`)."""
     bwd = _tl.BWD[backend]
 
     def tile(logits, rows):
-        g = bwd(
+        args = (
             grad_logp[rows],
             grad_entropy[rows] if grad_entropy is not None else None,
             logits,
@@ -482,11 +487,23 @@ def _fused_bwd_row_chunked(
             temperature,
             ignore_index,
         )
+        t = tau[rows] if tau is not None else None
+        # The compiled op takes tau positionally (its schema), the Python kernels as a keyword.
+        g = bwd(*args, t) if backend == "cuda" else bwd(*args, tau=t)
         return _gemm_dlogits(g, hidden.dtype, precision)
 
     rows_all = _valid_rows(targets, ignore_index)
     gh, gw, gb = _lm.row_chunks(
-        hidden, weight, bias, rows_all, bytes_per_elem=8, tile_fn=tile, needs=needs, logits_fn=_logits_tile
+        hidden,
+        weight,
+        bias,
+        rows_all,
+        bytes_per_elem=8,
+        tile_fn=tile,
+        needs=needs,
+        logits_fn=_logits_tile,
+        rows_step=rows_step,
+        pad=pad,
     )
     return _pack_grads(gh, gw.to(weight.dtype) if gw is not None else None, gb, rows_all, hidden, bias)
 
@@ -776,40 +793,11 @@ def _rowwise_backward_impl(
     backend,
     precision,
 ):
-    name = _resolve(backend, hidden.device)
-    bwd = _tl.BWD[name]
-    truncating = tau.numel() > 0
-    needs = list(needs_grad)
-
-    def tile(logits, rows):
-        args = (
-            grad_logp[rows],
-            grad_entropy[rows] if grad_entropy is not None else None,
-            logits,
-            targets[rows],
-            stats[rows],
-            entropy[rows] if grad_entropy is not None else None,
-            temperature,
-            ignore_index,
-        )
-        t = tau[rows] if truncating else None
-        g = bwd(*args, t) if name == "cuda" else bwd(*args, tau=t)
-        return _gemm_dlogits(g, hidden.dtype, precision)
-
-    rows_all = _valid_rows(targets, ignore_index)
-    gh, gw, gb = _lm.row_chunks(
-        hidden,
-        weight,
-        bias,
-        rows_all,
-        bytes_per_elem=8,
-        tile_fn=tile,
-        needs=needs,
-        logits_fn=_logits_tile,
-        rows_step=rows_step,
-        pad=deterministic,
-    )
-    return _pack_grads(gh, gw.to(weight.dtype) if gw is not None else None, gb, rows_all, hidden, bias)
+    return _fused_bwd_row_chunked(
+        grad_logp, grad_entropy, hidden, weight, bias, targets, stats, entropy, temperature, ignore_index,
+        list(needs_grad), _resolve(backend, hidden.device), precision, tau=tau if tau.numel() > 0 else None,
+        rows_step=rows_step, pad=deterministic,
+    )  # fmt: skip
 
 
 @torch.library.register_fake("lacot::fused_linear_token_logprobs_rowwise_backward")
